@@ -1,0 +1,74 @@
+"""The engine's public types: what a caller submits and what comes back (no torch, no HTTP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINISH_LENGTH = "length"
+FINISH_EOS = "eos_token"
+FINISH_STOP = "stop_sequence"
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation parameters. Greedy unless do_sample is set."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int | None = None
+    repetition_penalty: float = 1.0  # 1.0: off
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token as it streams out."""
+
+    index: int  # 0-based position among the generated tokens
+    token_id: int
+    text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
+    logprob: float
+    is_special: bool = False
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds: waiting in the queue, submit to first token, submit to finish."""
+
+    queue_s: float
+    first_token_s: float | None
+    total_s: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The final outcome of one request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    virtual_tokens: int
+    generated_tokens: int
+    task_id: str | None
+    task_version: str | None
+    seed: int | None
+    timings: Timings
+    tokens: list[TokenEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for /metrics and /ready."""
+
+    is_running: bool
+    num_waiting: int
+    num_running: int
+    num_steps: int
+    num_finished: int
