@@ -1,0 +1,11 @@
+"""The engine: continuous batching of mixed-task soft-prompt requests on one frozen causal LM.
+
+Public API (import from the modules; nothing heavy is imported here):
+  server.engine.model_loader.load_model(name_or_path, device="auto", dtype=None) -> LoadedModel
+  server.engine.config.EngineConfig
+  server.engine.engine.Engine(loaded_model, store, config): start(), stop(grace_s), aclose(grace_s),
+      await submit(inputs, task_id=..., params=SamplingParams(...)) -> RequestStream, stats(), tokenizer,
+      fault_injector (tests), logits_tap (tests)
+  server.engine.stream.RequestStream: async iteration of TokenEvent, await result(), cancel()
+  server.engine.types / server.engine.errors: the shared types and typed errors
+"""

@@ -35,6 +35,7 @@ class TokenEvent:
     text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
     logprob: float
     is_special: bool = False
+    is_last: bool = False  # True on the request's final token (lets TGI's last SSE event carry details)
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,6 @@ class EngineStats:
     num_running: int
     num_steps: int
     num_finished: int
+    num_failed: int = 0
+    num_cancelled: int = 0
+    num_generated_tokens: int = 0

@@ -1,0 +1,56 @@
+"""Settings: the only place where environment variables and command-line flags become values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "PROMPTSERVE_"
+
+
+class Settings(BaseSettings):
+    """Server settings; each field is flag `--kebab-name` and environment variable PROMPTSERVE_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", protected_namespaces=())
+
+    model: str | None = Field(None, description="Hugging Face hub id or local model folder; none: the "
+                                                "embedded demo model (built once, no download)")
+    store: Path = Field(Path("./prompts"), description="Folder of the prompt store (one PEFT adapter "
+                                                       "folder per task)")
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
+    device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1, ...")
+    dtype: str | None = Field(None, description="Model dtype: float32, bfloat16, float16 (default: float32 "
+                                                "on CPU, bfloat16 on GPU)")
+    max_batch_size: int = Field(32, ge=1, description="Most requests decoded together")
+    max_queue: int = Field(256, ge=1, description="Most requests waiting; more get HTTP 429")
+    max_input_tokens: int = Field(1024, ge=1, description="Most input tokens per request (virtual tokens "
+                                                          "not counted)")
+    max_new_tokens: int = Field(512, ge=1, description="Most new tokens a request may ask for")
+    max_total_tokens: int | None = Field(None, ge=1, description="Most tokens of context per request: "
+                                                                 "virtual + input + new (default: the "
+                                                                 "model's limit)")
+    api_keys: Path | None = Field(None, description="JSON or YAML file of API keys (tenants, task globs, "
+                                                    "admin flag); none: no auth")
+    served_model_name: str | None = Field(None, description="Name of the bare model in /v1/models and the "
+                                                            "OpenAI `model` field (default: --model, or "
+                                                            "'demo')")
+    demo_tasks: bool = Field(True, description="With the demo model, create two demo tasks when missing")
+    demo_cache_dir: Path | None = Field(None, description="Where the demo model is built (default: the "
+                                                          "user's cache dir)")
+    max_virtual_tokens: int = Field(512, ge=1, description="Most virtual tokens a stored adapter may have")
+    store_device_bytes: int = Field(256 << 20, ge=0, description="Prompt cache on the model's device, bytes")
+    store_host_bytes: int = Field(1 << 30, ge=0, description="Prompt cache in host memory, bytes")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body, bytes (HTTP 413 above)")
+    max_upload_bytes: int = Field(64 << 20, ge=1, description="Largest adapter upload body, bytes")
+    metrics_max_tasks: int = Field(100, ge=0, description="Distinct task labels in /metrics; the rest "
+                                                          "are counted under '__other__'")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight requests get at shutdown")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+
+    def model_name(self) -> str:
+        """The name the bare model answers to (OpenAI `model`, /v1/models)."""
+        return self.served_model_name or self.model or "demo"

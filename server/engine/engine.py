@@ -1,0 +1,169 @@
+"""Engine: submit() -> RequestStream; one worker thread runs the step loop (the model never runs on the
+event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+import uuid
+from typing import Any
+
+import torch
+
+from server.engine import validation
+from server.engine.config import EngineConfig
+from server.engine.errors import EngineStopped, QueueFull
+from server.engine.faults import FaultInjector
+from server.engine.model_loader import LoadedModel
+from server.engine.outbox import Outbox
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence
+from server.engine.stream import RequestStream
+from server.engine.types import EngineStats, SamplingParams
+from server.engine.worker import LogitsTap, Worker
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Continuous batching of mixed-task soft-prompt requests on one frozen model."""
+
+    def __init__(self, loaded_model: LoadedModel, store: Any, config: EngineConfig | None = None):
+        self.loaded = loaded_model
+        self.store = store
+        self.config = config or EngineConfig()
+        self.fault_injector = FaultInjector()
+        self._scheduler = Scheduler(self.config)
+        self._outbox = Outbox()
+        self._worker = Worker(ModelRunner(loaded_model.model, self.fault_injector), self._scheduler,
+                              release=store.release if store is not None else (lambda prompt: None),
+                              flush=self._outbox.flush)
+        self._wake = threading.Condition()
+        self._accept_lock = threading.Lock()  # is_accepting flips and queue additions do not interleave
+        self._is_accepting = False
+        self._stop_now = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The served model's tokenizer."""
+        return self.loaded.tokenizer
+
+    @property
+    def logits_tap(self) -> LogitsTap | None:
+        """Test hook: called on the worker thread with each row's logits before sampling."""
+        return self._worker.logits_tap
+
+    @logits_tap.setter
+    def logits_tap(self, tap: LogitsTap | None) -> None:
+        self._worker.logits_tap = tap
+
+    def start(self) -> None:
+        """Start the worker thread and accept requests."""
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._stop_now = False
+        self._thread = threading.Thread(target=self._run, name="promptserve-engine", daemon=True)
+        self._thread.start()
+        with self._accept_lock:
+            self._is_accepting = True
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Refuse new requests, let queued and running ones finish for up to `grace_s`, then stop;
+        what is left fails with EngineStopped. Blocking: from async code use `await engine.aclose()`."""
+        with self._accept_lock:
+            self._is_accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._scheduler.has_work() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._wake:
+            self._stop_now = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for seq in self._scheduler.drain():
+            self._worker.fail(seq, EngineStopped("the engine stopped before this request finished"))
+        self._worker.batch = None
+        self._outbox.flush()
+
+    async def aclose(self, grace_s: float = 30.0) -> None:
+        """`stop()` without blocking the event loop."""
+        await asyncio.to_thread(self.stop, grace_s)
+
+    async def submit(self, inputs: str | list[int], *, task_id: str | None, params: SamplingParams,
+                     request_id: str | None = None) -> RequestStream:
+        """Validate, pin the task's prompt, queue; raises typed errors at once, never after queuing."""
+        self._check_accepting()
+        validation.check_params(params, self.config)
+        ids = validation.tokenize(inputs, self.loaded.tokenizer, self.loaded.vocab_size)
+        validation.check_input_length(len(ids), self.config)
+        if self._scheduler.num_waiting >= self.config.max_queue:
+            raise QueueFull(f"{self._scheduler.num_waiting} requests already waiting (max_queue)")
+        # A cold task reads its adapter from disk: never on the event loop.
+        prompt = None if task_id is None else await asyncio.to_thread(self.store.acquire, task_id)
+        try:
+            return self._enqueue(ids, task_id, prompt, params, request_id or uuid.uuid4().hex)
+        except BaseException:
+            if prompt is not None:
+                self.store.release(prompt)
+            raise
+
+    def _enqueue(self, ids: list[int], task_id: str | None, prompt: Any, params: SamplingParams,
+                 request_id: str) -> RequestStream:
+        num_virtual = 0
+        if prompt is not None:
+            validation.check_prompt(prompt, self.loaded.hidden_size)
+            num_virtual = prompt.num_virtual_tokens
+        validation.check_context(num_virtual, len(ids), params.max_new_tokens, self.config,
+                                 self.loaded.max_positions)
+        seed = params.seed if params.seed is not None or not params.do_sample else secrets.randbits(63)
+        stream = RequestStream(request_id, asyncio.get_running_loop(), self._outbox,
+                               num_prompt_tokens=len(ids), num_virtual_tokens=num_virtual)
+        seq = Sequence(request_id=request_id, task_id=task_id, prompt=prompt, prompt_ids=ids, params=params,
+                       seed=seed, eos_token_ids=self.loaded.eos_token_ids, tokenizer=self.loaded.tokenizer,
+                       sink=stream)
+        stream._cancel = lambda: self._cancel(seq)
+        with self._accept_lock:
+            self._check_accepting()
+            self._scheduler.add(seq)
+        with self._wake:
+            self._wake.notify()
+        return stream
+
+    def _check_accepting(self) -> None:
+        if not self._is_accepting:
+            raise EngineStopped("the engine is not running")
+
+    def _cancel(self, seq: Sequence) -> None:
+        seq.is_cancel_requested = True
+        with self._wake:
+            self._wake.notify()
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the load (counts are read without locking: approximate by one step)."""
+        w = self._worker
+        return EngineStats(is_running=self._is_accepting, num_waiting=self._scheduler.num_waiting,
+                           num_running=self._scheduler.num_running, num_steps=w.num_steps,
+                           num_finished=w.num_finished, num_failed=w.num_failed, num_cancelled=w.num_cancelled,
+                           num_generated_tokens=w.num_generated_tokens)
+
+    def _run(self) -> None:
+        # Grad mode is per thread: the whole loop, cache surgery included, runs in inference mode.
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stop_now and not self._scheduler.has_work():
+                        self._wake.wait(timeout=self.config.idle_wait_s)
+                    if self._stop_now:
+                        return
+                try:
+                    self._worker.step()
+                except Exception as exc:  # noqa: BLE001 - a bug in one step must not kill the server
+                    log.exception("engine step failed")
+                    self._worker.fail_all(exc)
+                self._outbox.flush()

@@ -1,0 +1,91 @@
+"""Load the one frozen causal LM and its tokenizer (hub id or local folder)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """The frozen model with what the engine needs to know about it."""
+
+    model: Any  # a transformers PreTrainedModel (causal LM), eval mode, no grads
+    tokenizer: Any  # a transformers tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    hidden_size: int
+    vocab_size: int
+    max_positions: int | None  # None: the model has no position limit (ALiBi)
+    eos_token_ids: frozenset[int]
+    name: str = ""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` is CUDA when present, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None: float32 on CPU, bfloat16 on CUDA; strings like 'bf16' are accepted."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(name_or_path: str, device: str | torch.device = "auto",
+               dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load once, frozen: `eval()`, `requires_grad_(False)`, on the chosen device and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dt)
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return describe(model, tokenizer, name=str(name_or_path))
+
+
+def describe(model: Any, tokenizer: Any, name: str = "") -> LoadedModel:
+    """Wrap an already loaded model (tests, benchmarks) as a LoadedModel."""
+    config = model.config.get_text_config(decoder=True)
+    emb = model.get_input_embeddings()
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=emb.weight.device, dtype=emb.weight.dtype,
+        hidden_size=int(emb.weight.shape[1]), vocab_size=int(emb.weight.shape[0]),
+        max_positions=_max_positions(config), eos_token_ids=_eos_ids(model, tokenizer), name=name,
+    )
+
+
+def _max_positions(config: Any) -> int | None:
+    # ALiBi models (BLOOM) have no learned or rotary table, hence no hard limit.
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), model.config.get_text_config(decoder=True).eos_token_id,
+                   tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(x) for x in source)
+    return frozenset(ids)

@@ -1,0 +1,87 @@
+"""RequestStream: the caller's async view of one request (fed from the worker thread)."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Callable
+
+from server.engine.outbox import Outbox
+from server.engine.types import GenerationResult, TokenEvent
+
+_END = object()
+
+
+class RequestStream:
+    """`async for event in stream` yields TokenEvents; `await stream.result()` gives the GenerationResult."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, outbox: Outbox, *,
+                 num_prompt_tokens: int = 0, num_virtual_tokens: int = 0):
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_virtual_tokens = num_virtual_tokens
+        self._loop = loop
+        self._outbox = outbox
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._result: asyncio.Future = loop.create_future()
+        self._result.add_done_callback(_mark_retrieved)
+        self._cancel: Callable[[], None] = lambda: None
+
+    # -- called from the worker thread (the Sink protocol) --------------------------------------
+    def on_token(self, event: TokenEvent) -> None:
+        """Queue one token event for the caller."""
+        self._post(self._queue.put_nowait, event)
+
+    def on_finish(self, result: GenerationResult) -> None:
+        """Settle the result; iteration ends."""
+        self._post(self._settle, result, None)
+
+    def on_error(self, error: BaseException) -> None:
+        """Fail the request; iteration and result() raise `error`."""
+        self._post(self._settle, None, error)
+
+    def _post(self, fn, *args) -> None:
+        self._outbox.post(self._loop, partial(fn, *args))
+
+    def _settle(self, result: GenerationResult | None, error: BaseException | None) -> None:
+        if self._result.done():
+            return
+        if error is not None:
+            self._result.set_exception(error)
+            self._queue.put_nowait(error)
+        else:
+            self._result.set_result(result)
+            self._queue.put_nowait(_END)
+
+    # -- the caller's side ---------------------------------------------------------------------
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)  # iterating again ends at once
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)
+            raise item
+        return item
+
+    async def result(self) -> GenerationResult:
+        """The final result (raises RequestFailed / EngineStopped if the request failed)."""
+        return await asyncio.shield(self._result)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (result: finish_reason 'cancelled')."""
+        self._cancel()
+
+    @property
+    def done(self) -> bool:
+        """Whether the request has ended (finished, cancelled or failed)."""
+        return self._result.done()
+
+
+def _mark_retrieved(future: asyncio.Future) -> None:
+    # An unawaited failed request must not log "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()

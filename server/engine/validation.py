@@ -1,0 +1,76 @@
+"""Checks done at submit time, before anything is queued: each failure is a typed error."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from prompt_store.soft_prompt import CAUSAL_LM
+from server.engine.config import EngineConfig
+from server.engine.errors import IncompatibleTask, InputTooLong, InvalidRequest
+from server.engine.types import SamplingParams
+
+
+def check_params(params: SamplingParams, config: EngineConfig) -> None:
+    """Ranges of the sampling parameters; max_new_tokens against the configured limit."""
+    if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 1:
+        raise InvalidRequest("max_new_tokens must be an integer >= 1")
+    if params.max_new_tokens > config.max_new_tokens:
+        raise InputTooLong(f"max_new_tokens {params.max_new_tokens} exceeds the limit {config.max_new_tokens}")
+    if not (math.isfinite(params.temperature) and params.temperature > 0):
+        raise InvalidRequest("temperature must be > 0")
+    if not isinstance(params.top_k, int) or params.top_k < 0:
+        raise InvalidRequest("top_k must be an integer >= 0 (0: off)")
+    if not (0.0 < params.top_p <= 1.0):
+        raise InvalidRequest("top_p must be in (0, 1]")
+    if not (math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0):
+        raise InvalidRequest("repetition_penalty must be > 0")
+    if params.seed is not None and (not isinstance(params.seed, int) or not 0 <= params.seed < 2**63):
+        raise InvalidRequest("seed must be an integer in [0, 2**63)")
+    if len(params.stop) > config.max_stop_sequences:
+        raise InvalidRequest(f"at most {config.max_stop_sequences} stop sequences")
+    if any(not isinstance(s, str) or not s or len(s) > config.max_stop_length for s in params.stop):
+        raise InvalidRequest(f"stop sequences must be non-empty strings of at most {config.max_stop_length} chars")
+
+
+def tokenize(inputs: str | list[int], tokenizer: Any, vocab_size: int) -> list[int]:
+    """Text through the model's tokenizer (special tokens added, as PEFT's callers do); ids checked."""
+    if isinstance(inputs, str):
+        ids = list(tokenizer(inputs)["input_ids"])
+    elif isinstance(inputs, (list, tuple)):
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in inputs):
+            raise InvalidRequest(f"token ids must be integers in [0, {vocab_size})")
+        ids = list(inputs)
+    else:
+        raise InvalidRequest("inputs must be a string or a list of token ids")
+    if not ids:
+        raise InvalidRequest("inputs are empty")
+    return ids
+
+
+def check_input_length(num_ids: int, config: EngineConfig) -> None:
+    """Text tokens against max_input_tokens."""
+    if num_ids > config.max_input_tokens:
+        raise InputTooLong(f"{num_ids} input tokens exceed the limit {config.max_input_tokens}")
+
+
+def check_prompt(prompt: Any, hidden_size: int) -> None:
+    """The task's adapter must be a causal-LM prompt of the served model's width."""
+    if prompt.task_type != CAUSAL_LM:
+        raise IncompatibleTask(f"task {prompt.task_id!r} is {prompt.task_type}; this server runs a causal LM")
+    if prompt.token_dim != hidden_size:
+        raise IncompatibleTask(f"task {prompt.task_id!r} has token_dim {prompt.token_dim}; "
+                               f"the model's hidden size is {hidden_size}")
+
+
+def check_context(num_virtual: int, num_ids: int, max_new: int, config: EngineConfig,
+                  max_positions: int | None) -> None:
+    """Virtual + input + new tokens against max_total_tokens and the model's position table."""
+    total = num_virtual + num_ids + max_new
+    limit = config.max_total_tokens if max_positions is None else min(config.max_total_tokens, max_positions)
+    if total > limit:
+        raise InputTooLong(f"{num_virtual} virtual + {num_ids} input + {max_new} new tokens = {total} "
+                           f"exceed the context limit {limit}")
+    if num_virtual + num_ids > config.max_prefill_tokens:
+        raise InputTooLong(f"{num_virtual + num_ids} prompt tokens exceed max_prefill_tokens "
+                           f"{config.max_prefill_tokens}")

@@ -1,0 +1,115 @@
+"""The harness against the real promptserve (subprocess, real uvicorn, tiny model): its counts match /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.cli import main
+
+READY_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def real_server(tiny_model_dir, tmp_path_factory):
+    """Base URL of `promptserve serve` on a free loopback port, serving a tiny Llama."""
+    model = tiny_model_dir("llama")
+    store = tmp_path_factory.mktemp("loadtest-store")
+    port = free_port()
+    log = open(store.parent / f"server-{port}.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--model", str(model), "--store", str(store), "--max-batch-size", "8", "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    try:
+        while True:
+            assert proc.poll() is None, f"server exited: {open(log.name).read()[-2000:]}"
+            assert time.monotonic() < deadline, "server not ready in time"
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """Every sample of /metrics, read by the test itself (not through the harness)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    """Change of the samples called `name` whose labels include `labels`."""
+    def total(snapshot):
+        return sum(v for (n, ls), v in snapshot.items() if n == name and set(labels.items()) <= set(ls))
+    return total(after) - total(before)
+
+
+def test_streaming_run_for_a_few_seconds_matches_metrics(real_server, tmp_path):
+    out, png = tmp_path / "report.json", tmp_path / "report.png"
+    before = scrape(real_server)
+    code = main(["--url", real_server, "--duration", "3", "--concurrency", "4", "--setup-tasks", "3",
+                 "--task-init", "random", "--popularity", "zipf", "--max-new-tokens", "uniform:4,12",
+                 "--prompt-tokens", "uniform:8,24", "--out", str(out), "--plot", str(png), "--quiet"])
+    after = scrape(real_server)
+    assert code == 0
+    report = json.loads(out.read_text())
+    n = report["client"]["num_requests"]
+    assert n > 0 and report["client"]["by_status"] == {"200": n}
+    # no request lost or double-counted: the server saw exactly what the client sent
+    assert delta(before, after, "promptserve_http_requests_total", route="/generate_stream") == n
+    assert delta(before, after, "promptserve_http_requests_total", route="/generate_stream", status="200") == n
+    assert delta(before, after, "promptserve_generations_total") == n
+    assert delta(before, after, "promptserve_generated_tokens_total") == report["client"]["generated_tokens"]
+    assert delta(before, after, "promptserve_http_requests_total", route="/v1/tasks/{task_id}", method="PUT") == 3
+    assert report["counts"] == {"client_total": n, "server_total": n, "is_match": True}
+    assert sum(report["server"]["counters"]["requests_per_task"].values()) == n
+    assert {t["task_id"] for t in report["client"]["per_task"]} <= set(report["server"]["counters"]["requests_per_task"])
+    assert report["client"]["first_token"]["count"] == n and report["client"]["latency"]["p99"] > 0
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+    # the three tasks made for the run are gone again
+    listed = httpx.get(f"{real_server}/v1/tasks", timeout=10).json()
+    assert not [t for t in json.dumps(listed).split('"') if t.startswith("loadtest-")]
+
+
+def test_plain_requests_by_count_match_metrics(real_server, tmp_path):
+    out = tmp_path / "plain.json"
+    before = scrape(real_server)
+    code = main(["--url", real_server, "--requests", "10", "--concurrency", "5", "--no-stream",
+                 "--max-new-tokens", "6", "--ignore-eos", "--out", str(out), "--quiet"])
+    after = scrape(real_server)
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["client"]["num_ok"] == 10
+    assert report["client"]["generated_tokens"] == 10 * 6  # ignore_eos_token reached the server
+    assert delta(before, after, "promptserve_http_requests_total", route="/generate", status="200") == 10
+    assert delta(before, after, "promptserve_generated_tokens_total") == report["client"]["generated_tokens"]
+    assert report["counts"]["is_match"] is True

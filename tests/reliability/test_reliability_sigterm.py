@@ -1,0 +1,84 @@
+"""SIGTERM on `promptserve serve`: stop admitting, finish the running requests, exit 0."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+NUM_TOKENS = 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"server not ready (exit {proc.poll()})")
+
+
+def _stream(url: str, first_event: cf.Future) -> list[dict]:
+    body = {"task_id": "t", "inputs": "drain me", "parameters": {"max_new_tokens": NUM_TOKENS,
+                                                                  "ignore_eos_token": True}}
+    events = []
+    with httpx.stream("POST", url + "/generate_stream", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+                if not first_event.done():
+                    first_event.set_result(None)
+    return events
+
+
+def _refused(url: str) -> bool:
+    """True if a new request is not admitted: connection refused, or 503 while draining."""
+    try:
+        r = httpx.post(url + "/generate", json={"task_id": "t", "inputs": "late"}, timeout=10)
+    except httpx.TransportError:
+        return True
+    return r.status_code == 503
+
+
+def test_sigterm_drains_running_requests_and_exits_0(tiny_model_dir, tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_dir("llama")), "--port", str(port),
+           "--store", str(tmp_path / "prompts"), "--device", "cpu", "--shutdown-grace-s", "20"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(url, proc)
+        assert httpx.put(url + "/v1/tasks/t", json={"init": "random", "num_virtual_tokens": 4}).status_code == 201
+        with cf.ThreadPoolExecutor(1) as pool:
+            first_event: cf.Future = cf.Future()
+            running = pool.submit(_stream, url, first_event)
+            first_event.result(timeout=60)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert _refused(url)
+            events = running.result(timeout=60)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "error" not in events[-1], events[-1]
+    assert events[-1]["details"]["generated_tokens"] == NUM_TOKENS  # the running request finished
+    assert "Traceback" not in err
+    assert '"path":"/generate_stream","status":200' in out
