@@ -31,6 +31,26 @@ class Setup:
     args: argparse.Namespace
 
 
+@dataclass
+class Rate:
+    """Tokens per wall-clock second and per CPU second of this process (all its threads). On shared
+    cores the CPU-time figure is the steadier one: waiting for a core does not count."""
+
+    wall: float
+    cpu: float
+
+
+class Stopwatch:
+    """Wall and process CPU time since construction."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def rate(self, tokens: int) -> Rate:
+        """Tokens per second since construction, both clocks."""
+        return Rate(tokens / (time.perf_counter() - self.wall), tokens / (time.process_time() - self.cpu))
+
+
 def parse_args() -> argparse.Namespace:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,8 +78,8 @@ def build_model(args: argparse.Namespace):
     from server.engine.model_loader import describe, resolve_device, resolve_dtype
 
     tokenizer = train_tokenizer(demo_corpus(), vocab_size=512)
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if args.family == "llama":
         config = tf.LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                                 num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -108,7 +128,7 @@ async def _engine_run(engine, setup: Setup, tasks: list[str]) -> int:
     return sum(r.generated_tokens for r in results)
 
 
-def run_engine(setup: Setup, tasks: list[str]) -> float:
+def run_engine(setup: Setup, tasks: list[str]) -> Rate:
     """Tokens/s of one engine run over all requests (submit of the first to result of the last)."""
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
@@ -116,14 +136,13 @@ def run_engine(setup: Setup, tasks: list[str]) -> float:
     engine = Engine(setup.loaded, setup.store, EngineConfig(max_batch_size=setup.args.requests))
     engine.start()
     try:
-        start = time.perf_counter()
-        tokens = asyncio.run(_engine_run(engine, setup, tasks))
-        return tokens / (time.perf_counter() - start)
+        watch = Stopwatch()
+        return watch.rate(asyncio.run(_engine_run(engine, setup, tasks)))
     finally:
         engine.stop(grace_s=1)
 
 
-def run_hf_batch(setup: Setup) -> float:
+def run_hf_batch(setup: Setup) -> Rate:
     """Ceiling: base-model generate at full batch on ids as long as virtual + text tokens, left-padded."""
     tok = setup.loaded.tokenizer
     filler = tok("a")["input_ids"][-1]
@@ -131,19 +150,18 @@ def run_hf_batch(setup: Setup) -> float:
     width = max(len(r) for r in rows)
     ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=setup.loaded.device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=setup.loaded.device)
-    start = time.perf_counter()
+    watch = Stopwatch()
     with torch.inference_mode():
         out = setup.loaded.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                           max_new_tokens=setup.args.new_tokens, min_new_tokens=setup.args.new_tokens)
-    elapsed = time.perf_counter() - start
-    return (out.shape[1] - width) * len(rows) / elapsed
+    return watch.rate((out.shape[1] - width) * len(rows))
 
 
-def run_peft_sequential(setup: Setup, num_requests: int) -> float:
+def run_peft_sequential(setup: Setup, num_requests: int) -> Rate:
     """Today: PeftModel.generate one request at a time, switching the active adapter each time.
     Its tokens/s does not depend on how many requests are timed, so a round times only a few."""
     tok, tokens = setup.loaded.tokenizer, 0
-    start = time.perf_counter()
+    watch = Stopwatch()
     with torch.inference_mode():
         for text, task in list(zip(setup.texts, setup.tasks))[:num_requests]:
             setup.peft.set_adapter(task)
@@ -151,10 +169,10 @@ def run_peft_sequential(setup: Setup, num_requests: int) -> float:
             out = setup.peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                       max_new_tokens=setup.args.new_tokens, min_new_tokens=setup.args.new_tokens)
             tokens += out.shape[1] - ids.shape[1]
-    return tokens / (time.perf_counter() - start)
+    return watch.rate(tokens)
 
 
-def interleaved_rounds(runs: dict, repeats: int) -> list[dict[str, float]]:
+def interleaved_rounds(runs: dict, repeats: int) -> list[dict[str, Rate]]:
     """Rounds of every measurement, the order rotated each round: load from other processes (shared
     cores) then hits all of them alike, and ratios are taken within a round."""
     rounds = []
@@ -163,21 +181,26 @@ def interleaved_rounds(runs: dict, repeats: int) -> list[dict[str, float]]:
         figures = {}
         for key in keys[round_no % len(keys):] + keys[:round_no % len(keys)]:
             figures[key] = runs[key]()
-            print(f"  round {round_no + 1} ({key}): {figures[key]:.1f} tokens/s", flush=True)
+            print(f"  round {round_no + 1} ({key}): {figures[key].wall:.1f} tokens/s, "
+                  f"{figures[key].cpu:.1f} tokens/CPU-s", flush=True)
         rounds.append(figures)
     return rounds
 
 
-def report(rounds: list[dict[str, float]]) -> None:
-    """Median tokens/s of each measurement and the median of the per-round ratios."""
+def report(rounds: list[dict[str, Rate]]) -> None:
+    """Median tokens/s of each measurement and the median of the per-round ratios, both clocks."""
     labels = {"a": "engine, 16 tasks", "b": "engine, 1 task", "c": "HF generate batch (ceiling)",
               "d": "PEFT generate one at a time"}
     for key in rounds[0]:
-        print(f"({key}) {labels[key]:<30} {statistics.median(r[key] for r in rounds):8.1f} tokens/s (median)")
+        wall = statistics.median(r[key].wall for r in rounds)
+        cpu = statistics.median(r[key].cpu for r in rounds)
+        print(f"({key}) {labels[key]:<30} {wall:8.1f} tokens/s  {cpu:8.1f} tokens/CPU-s  (medians)")
     for other in ("b", "c", "d"):
-        if other in rounds[0]:
-            ratios = [r["a"] / r[other] for r in rounds]
-            print(f"a/{other} = {statistics.median(ratios):.2f}  (per round: "
+        if other not in rounds[0]:
+            continue
+        for clock in ("wall", "cpu"):
+            ratios = [getattr(r["a"], clock) / getattr(r[other], clock) for r in rounds]
+            print(f"a/{other} ({clock:>4}) = {statistics.median(ratios):.2f}  (per round: "
                   f"{', '.join(f'{x:.2f}' for x in ratios)})")
 
 

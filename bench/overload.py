@@ -54,7 +54,8 @@ def start_server(args, workdir: Path) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--store", str(workdir / "prompts"),
            "--port", str(port), "--device", "cpu", "--max-batch-size", str(args.batch), "--max-queue",
            str(args.queue), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(workdir / "server.err", "w"))
+    with open(workdir / "server.err", "w") as err:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -127,7 +128,7 @@ def run(args, work: Path, proc: subprocess.Popen, url: str) -> int:
     tasks = [f"ov-{i}" for i in range(4)]
     for i, t in enumerate(tasks):
         httpx.put(f"{url}/v1/tasks/{t}", json={"init": "random", "num_virtual_tokens": 4 + 4 * i, "seed": i})
-    common = dict(new_tokens=args.new_tokens, tasks=",".join(tasks))
+    common = {"new_tokens": args.new_tokens, "tasks": ",".join(tasks)}
     print(f"load average at start (other processes share these cores): {os.getloadavg()[0]:.1f}")
     cap = loadtest(url, work / "cap.json", "--concurrency", str(2 * args.batch), "--duration", "20", **common)
     capacity = cap["num_ok"] / cap["wall_s"]

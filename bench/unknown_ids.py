@@ -20,10 +20,10 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overload import start_server  # noqa: E402  (same server start-up)
+from overload import start_server  # (same server start-up)
 
 
-async def ask(url: str, ids: range, concurrency: int, statuses: dict) -> None:
+async def ask(url: str, ids: range, concurrency: int, statuses: dict[object, int]) -> None:
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
         sem = asyncio.Semaphore(concurrency)
@@ -33,8 +33,11 @@ async def ask(url: str, ids: range, concurrency: int, statuses: dict) -> None:
                 route = ("/generate", "/v1/completions")[i % 2]
                 body = ({"task_id": f"nope-{i:06d}", "inputs": "x"} if i % 2 == 0 else
                         {"model": f"nope-{i:06d}", "prompt": "x", "max_tokens": 1})
-                r = await c.post(route, json=body)
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                try:
+                    status = (await c.post(route, json=body)).status_code
+                except httpx.TransportError as e:  # counted, not fatal: the figure must say how many
+                    status = f"transport:{type(e).__name__}"
+                statuses[status] = statuses.get(status, 0) + 1
         await asyncio.gather(*(one(i) for i in ids))
 
 
@@ -45,9 +48,10 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_server(argparse.Namespace(batch=8, queue=256), Path(tmp))
+        print(f"server log: {tmp}/server.err (kept until the end)", flush=True)
         try:
             server = psutil.Process(proc.pid)
-            statuses: dict[int, int] = {}
+            statuses: dict[object, int] = {}
             step = args.num_ids // 10
             started = time.monotonic()
             for k in range(10):
@@ -59,6 +63,8 @@ def main() -> int:
             store = [line for line in metrics.splitlines() if line.startswith("promptserve_prompt_store_")
                      and ("entries" in line or "not_found" in line) and not line.startswith("#")]
             print(f"statuses {statuses}; task labels in /metrics: {labels}; " + "; ".join(store))
+            if set(statuses) != {404}:
+                print((Path(tmp) / "server.err").read_text()[-4000:])
             return 0 if set(statuses) == {404} else 1
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -7,8 +7,9 @@ alone). Decode feeds each row's last token at position n_i+L_i+k with the mask g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

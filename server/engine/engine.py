@@ -163,7 +163,7 @@ class Engine:
                         return
                 try:
                     self._worker.step()
-                except Exception as exc:  # noqa: BLE001 - a bug in one step must not kill the server
+                except Exception as exc:
                     log.exception("engine step failed")
                     self._worker.fail_all(exc)
                 self._outbox.flush()

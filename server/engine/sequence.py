@@ -9,8 +9,16 @@ from typing import Any, Protocol
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.stop_matcher import StopMatcher
-from server.engine.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationResult,
-                                 SamplingParams, Timings, TokenEvent)
+from server.engine.types import (
+    FINISH_CANCELLED,
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerationResult,
+    SamplingParams,
+    Timings,
+    TokenEvent,
+)
 
 
 class Status(Enum):

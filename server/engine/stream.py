@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from server.engine.outbox import Outbox
 from server.engine.types import GenerationResult, TokenEvent

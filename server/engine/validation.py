@@ -11,20 +11,27 @@ from server.engine.errors import IncompatibleTask, InputTooLong, InvalidRequest
 from server.engine.types import SamplingParams
 
 
+# Smaller values overflow float32 logits (logits / t -> inf, NaN probabilities): refuse them, as TGI does.
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-3
+PENALTY_RANGE = (1e-3, 1e3)
+
+
 def check_params(params: SamplingParams, config: EngineConfig) -> None:
     """Ranges of the sampling parameters; max_new_tokens against the configured limit."""
     if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 1:
         raise InvalidRequest("max_new_tokens must be an integer >= 1")
     if params.max_new_tokens > config.max_new_tokens:
         raise InputTooLong(f"max_new_tokens {params.max_new_tokens} exceeds the limit {config.max_new_tokens}")
-    if not (math.isfinite(params.temperature) and params.temperature > 0):
-        raise InvalidRequest("temperature must be > 0")
+    if not (math.isfinite(params.temperature) and params.temperature >= MIN_TEMPERATURE):
+        raise InvalidRequest(f"temperature must be >= {MIN_TEMPERATURE} (use do_sample=false for greedy)")
     if not isinstance(params.top_k, int) or params.top_k < 0:
         raise InvalidRequest("top_k must be an integer >= 0 (0: off)")
-    if not (0.0 < params.top_p <= 1.0):
-        raise InvalidRequest("top_p must be in (0, 1]")
-    if not (math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0):
-        raise InvalidRequest("repetition_penalty must be > 0")
+    if not (MIN_TOP_P <= params.top_p <= 1.0):
+        raise InvalidRequest(f"top_p must be in [{MIN_TOP_P}, 1]")
+    low, high = PENALTY_RANGE
+    if not (math.isfinite(params.repetition_penalty) and low <= params.repetition_penalty <= high):
+        raise InvalidRequest(f"repetition_penalty must be in [{low}, {high}]")
     if params.seed is not None and (not isinstance(params.seed, int) or not 0 <= params.seed < 2**63):
         raise InvalidRequest("seed must be an integer in [0, 2**63)")
     if len(params.stop) > config.max_stop_sequences:

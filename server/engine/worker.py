@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -155,7 +156,7 @@ class Worker:
         seq.is_prompt_released = True
         try:
             self._release(seq.prompt)
-        except Exception:  # noqa: BLE001 - a store bug must not stop the engine
+        except Exception:
             log.exception("releasing the prompt of task %s failed", seq.task_id)
 
 

@@ -79,4 +79,4 @@ def test_scheduler_and_sequence_import_no_torch():
 
     code = ("import sys, server.engine.scheduler, server.engine.sequence; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -3,8 +3,6 @@ typed errors at submit, shutdown; every pinned prompt is released whatever the e
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from prompt_store.errors import InvalidTaskId, TaskNotFound
@@ -196,25 +194,28 @@ def test_failed_request_raises_while_streaming(make_engine):
     run(go())
 
 
-def test_submit_errors_are_typed_and_immediate(make_engine, setup):
+def test_submit_errors_are_typed_and_immediate(make_engine):
     engine = make_engine(max_input_tokens=16, max_new_tokens=50, max_total_tokens=40, max_batch_size=1,
                          max_queue=1)
-    _, root = setup
-    engine.store.store.put("s2s", engine.store.store.acquire("t1").embeddings, task_type="SEQ_2_SEQ_LM")
-    engine.store.store.release(engine.store.store.get("t1"))
+    store = engine.store.store
+    store.put("s2s", store.get("t1").embeddings, task_type="SEQ_2_SEQ_LM")  # a seq2seq task of the same width
 
     async def go():
         cases = [
-            (InputTooLong, dict(inputs="word " * 40, task_id=None, params=greedy(5))),
-            (InputTooLong, dict(inputs="Hi", task_id=None, params=greedy(51))),
-            (InputTooLong, dict(inputs="Hi there", task_id="t3", params=greedy(35))),  # 9 + 3 + 35 > 40
-            (InvalidRequest, dict(inputs="Hi", task_id=None, params=SamplingParams(temperature=0.0))),
-            (InvalidRequest, dict(inputs="Hi", task_id=None, params=SamplingParams(top_p=0.0))),
-            (InvalidRequest, dict(inputs=[1, 10**6], task_id=None, params=greedy(2))),
-            (InvalidRequest, dict(inputs=[], task_id=None, params=greedy(2))),
-            (TaskNotFound, dict(inputs="Hi", task_id="nope", params=greedy(2))),
-            (InvalidTaskId, dict(inputs="Hi", task_id="../etc", params=greedy(2))),
-            (IncompatibleTask, dict(inputs="Hi", task_id="s2s", params=greedy(2))),
+            (InputTooLong, {"inputs": "word " * 40, "task_id": None, "params": greedy(5)}),
+            (InputTooLong, {"inputs": "Hi", "task_id": None, "params": greedy(51)}),
+            (InputTooLong, {"inputs": "Hi there", "task_id": "t3", "params": greedy(35)}),  # 9 + 3 + 35 > 40
+            (InvalidRequest, {"inputs": "Hi", "task_id": None, "params": SamplingParams(temperature=0.0)}),
+            (InvalidRequest, {"inputs": "Hi", "task_id": None, "params": SamplingParams(top_p=0.0)}),
+            # denormal values would overflow the float32 logits into NaN probabilities
+            (InvalidRequest, {"inputs": "Hi", "task_id": None,
+                              "params": SamplingParams(do_sample=True, temperature=5e-324)}),
+            (InvalidRequest, {"inputs": "Hi", "task_id": None, "params": SamplingParams(repetition_penalty=1e-300)}),
+            (InvalidRequest, {"inputs": [1, 10**6], "task_id": None, "params": greedy(2)}),
+            (InvalidRequest, {"inputs": [], "task_id": None, "params": greedy(2)}),
+            (TaskNotFound, {"inputs": "Hi", "task_id": "nope", "params": greedy(2)}),
+            (InvalidTaskId, {"inputs": "Hi", "task_id": "../etc", "params": greedy(2)}),
+            (IncompatibleTask, {"inputs": "Hi", "task_id": "s2s", "params": greedy(2)}),
         ]
         for error, kwargs in cases:
             with pytest.raises(error):

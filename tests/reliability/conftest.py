@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
-import yaml
 from live_server_util import LiveServer, run_server
-
 from server.config import Settings
 
-TASKS = ("rel-a", "rel-b", "rel-c", "rel-d")
-KEYS = {
-    "rel-admin-key-1": {"tenant": "ops", "tasks": ["*"], "admin": True},
-    "rel-acme-key-01": {"tenant": "acme", "tasks": ["acme-*"], "admin": True},
-    "rel-globex-key1": {"tenant": "globex", "tasks": ["globex-*"], "base_model": False},
-}
-TENANT_TASKS = ("acme-x", "globex-x")
+from reliability_util import TASKS, TENANT_TASKS, EngineGate, create_tasks, keys_file
 
 
 @pytest.fixture(scope="session")
@@ -28,20 +17,12 @@ def rel_settings(tiny_model_dir, tmp_path_factory) -> Callable[..., Settings]:
     model = tiny_model_dir("llama")
 
     def make(**overrides) -> Settings:
-        values = dict(model=str(model), store=tmp_path_factory.mktemp("rel-store"), served_model_name="tiny",
-                      device="cpu", max_batch_size=8, max_queue=256, max_new_tokens=256, max_input_tokens=64,
-                      shutdown_grace_s=2)
+        values = {"model": str(model), "store": tmp_path_factory.mktemp("rel-store"), "served_model_name": "tiny",
+                  "device": "cpu", "max_batch_size": 8, "max_queue": 256, "max_new_tokens": 256,
+                  "max_input_tokens": 64, "shutdown_grace_s": 2}
         values.update(overrides)
         return Settings(**values)
     return make
-
-
-def create_tasks(live: LiveServer, task_ids, headers=None) -> None:
-    """RANDOM-init tasks with fixed seeds and different lengths."""
-    with live.client(headers=headers) as c:
-        for i, task_id in enumerate(task_ids):
-            r = c.put(f"/v1/tasks/{task_id}", json={"init": "random", "num_virtual_tokens": 3 + 2 * i, "seed": i})
-            assert r.status_code == 201, r.text
 
 
 @pytest.fixture(scope="session")
@@ -55,33 +36,9 @@ def rel_server(rel_settings) -> Iterator[LiveServer]:
 @pytest.fixture(scope="session")
 def rel_auth_server(rel_settings, tmp_path_factory) -> Iterator[LiveServer]:
     """API keys of three tenants (an all-tasks admin, acme admin, globex user) and one task each."""
-    path = tmp_path_factory.mktemp("rel-keys") / "keys.yaml"
-    path.write_text(yaml.safe_dump({"keys": [{"key": k, **v} for k, v in KEYS.items()]}))
-    with run_server(rel_settings(api_keys=path)) as live:
+    with run_server(rel_settings(api_keys=keys_file(tmp_path_factory))) as live:
         create_tasks(live, TENANT_TASKS, headers={"Authorization": "Bearer rel-admin-key-1"})
         yield live
-
-
-def wait_for(predicate, timeout_s: float = 30, what: str = "condition") -> None:
-    """Poll until `predicate()` is true (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-class EngineGate:
-    """Holds the engine's worker inside a step of request `gate-*` until opened (queues others up)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.opened = threading.Event()
-        self.is_held = threading.Event()
-
-    def tap(self, request_id, step, logits) -> None:
-        if request_id.startswith("gate") and not self.opened.is_set():
-            self.is_held.set()
-            self.opened.wait(30)
 
 
 @pytest.fixture()
@@ -94,24 +51,3 @@ def gate(rel_server) -> Iterator[EngineGate]:
     rel_server.runtime.engine.logits_tap = None
 
 
-def metric(text: str, name: str) -> float:
-    """The value of an unlabelled sample in Prometheus text."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
-
-
-def settled(live: LiveServer) -> bool:
-    """Nothing waiting, running or pinned, as /metrics reports it."""
-    with live.client() as c:
-        text = c.get("/metrics").text
-    return all(metric(text, n) == 0 for n in ("promptserve_queue_depth", "promptserve_running_batch_size",
-                                              "promptserve_prompt_store_pinned"))
-
-
-def write_store_folder(folder: Path, config: bytes, weights: bytes, name: str = "adapter_model.safetensors") -> None:
-    """Put adapter files into a store folder behind the server's back (as an operator's copy would)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_bytes(config)
-    (folder / name).write_bytes(weights)

@@ -7,8 +7,9 @@ import json
 
 import httpx
 import pytest
-from conftest import TASKS, wait_for, write_store_folder
 from live_server_util import assert_error
+
+from reliability_util import TASKS, wait_for, write_store_folder
 
 GOOD = [(task, f"hello {i}") for i, task in enumerate(TASKS)]
 

@@ -13,9 +13,10 @@ import httpx
 import psutil
 import pytest
 import torch
-from conftest import wait_for, write_store_folder
 from live_server_util import assert_error, run_server
 from safetensors.torch import save
+
+from reliability_util import wait_for, write_store_folder
 
 HIDDEN = 64  # the tiny llama's hidden size
 TRAVERSAL_IDS = ["..", "...", "../etc", "%2e%2e", "%2E%2E%2Fetc%2Fpasswd", "..%2f..%2fetc", "%2e%2e%5c%2e%2e",

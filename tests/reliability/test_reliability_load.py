@@ -7,8 +7,9 @@ import threading
 
 import httpx
 import pytest
-from conftest import TASKS, metric, settled, wait_for
 from live_server_util import run_server
+
+from reliability_util import TASKS, metric, settled, wait_for
 
 NUM_ABORTED = 200
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 
-from conftest import wait_for
 from live_server_util import assert_error, sse_events
+
+from reliability_util import wait_for
 
 TASK = "swap-me"
 
