@@ -72,6 +72,7 @@ def serve(args: argparse.Namespace) -> int:
     _configure_logging(settings.log_level)
     # Our own middleware writes the access log (JSON, with request ids), so uvicorn's is off.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_keep_alive=settings.keep_alive_s,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 1)
     server = GracefulServer(config, on_drain=lambda: setattr(app.state, "is_draining", True))
     app.state.on_fatal = lambda: setattr(server, "should_exit", True)

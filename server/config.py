@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     metrics_max_tasks: int = Field(100, ge=0, description="Distinct task labels in /metrics; the rest "
                                                           "are counted under '__other__'")
     shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight requests get at shutdown")
+    # Longer than clients' pool expiry (httpx 5 s, aiohttp 15 s, load balancers 60 s): with uvicorn's 5 s a
+    # client could reuse a connection the server was closing, and the request died with a reset.
+    keep_alive_s: int = Field(75, ge=1, description="Seconds an idle keep-alive connection is kept open")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
     def model_name(self) -> str:

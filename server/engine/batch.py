@@ -51,6 +51,31 @@ def prefill_inputs(seqs: list[Sequence], embed: Callable[[torch.Tensor], torch.T
 
 
 @dataclass
+class EncoderState:
+    """Encoder-decoder models: each row's encoder output, left-padded like the cross-attention cache."""
+
+    hidden_states: torch.Tensor  # [B, S, D]
+    attention_mask: torch.Tensor  # [B, S] long: 1 on real encoder positions (virtual tokens included)
+
+    def select(self, index: torch.Tensor) -> tuple[EncoderState, int]:
+        """The given rows with all-pad columns trimmed; also returns how many columns were cut."""
+        mask = self.attention_mask[index]
+        first = int((mask.shape[1] - mask.sum(dim=1)).min()) if len(index) else 0
+        return EncoderState(self.hidden_states[index, first:], mask[:, first:]), first
+
+    def merge(self, other: EncoderState) -> EncoderState:
+        """This state's rows then `other`'s, the narrower left-padded (mask 0) to the common width."""
+        width_a, width_b = self.attention_mask.shape[1], other.attention_mask.shape[1]
+        target = max(width_a, width_b)
+        pad = torch.nn.functional.pad
+        hidden = torch.cat([pad(self.hidden_states, (0, 0, target - width_a, 0)),
+                            pad(other.hidden_states, (0, 0, target - width_b, 0))])
+        mask = torch.cat([pad(self.attention_mask, (target - width_a, 0)),
+                          pad(other.attention_mask, (target - width_b, 0))])
+        return EncoderState(hidden, mask)
+
+
+@dataclass
 class Batch:
     """Rows decoded together; everything indexed by row stays aligned through select and merge."""
 
@@ -60,6 +85,7 @@ class Batch:
     generators: list[torch.Generator | None]  # sampled rows draw from their own stream
     positions: torch.Tensor  # [B] long: position of the token fed next (n + L + k)
     last_tokens: torch.Tensor  # [B] long: the token fed next (sampled, not yet in the cache)
+    encoder: EncoderState | None = None  # encoder-decoder models only
 
     @classmethod
     def after_prefill(cls, seqs: list[Sequence], cache: Any, attention_mask: torch.Tensor) -> Batch:
@@ -97,8 +123,10 @@ class Batch:
         index = torch.tensor(rows, dtype=torch.long, device=self.attention_mask.device)
         mask = self.attention_mask[index]
         first = int((self.width - mask.sum(dim=1)).min()) if rows else 0
-        return Batch([self.seqs[i] for i in rows], kv_cache.select(self.cache, index, first), mask[:, first:],
-                     [self.generators[i] for i in rows], self.positions[index], self.last_tokens[index])
+        encoder, first_cross = self.encoder.select(index) if self.encoder is not None else (None, 0)
+        return Batch([self.seqs[i] for i in rows], kv_cache.select(self.cache, index, first, first_cross),
+                     mask[:, first:], [self.generators[i] for i in rows], self.positions[index],
+                     self.last_tokens[index], encoder)
 
     def merge(self, other: Batch) -> Batch:
         """This batch's rows then `other`'s; the narrower side is left-padded."""
@@ -108,4 +136,5 @@ class Batch:
                           pad(other.attention_mask, (target - other.width, 0))])
         return Batch(self.seqs + other.seqs, kv_cache.merge(self.cache, other.cache), mask,
                      self.generators + other.generators, torch.cat([self.positions, other.positions]),
-                     torch.cat([self.last_tokens, other.last_tokens]))
+                     torch.cat([self.last_tokens, other.last_tokens]),
+                     None if self.encoder is None else self.encoder.merge(other.encoder))

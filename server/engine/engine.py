@@ -20,6 +20,7 @@ from server.engine.faults import FaultInjector
 from server.engine.model_loader import LoadedModel
 from server.engine.outbox import Outbox
 from server.engine.runner import ModelRunner
+from server.engine.runner_seq2seq import Seq2SeqRunner
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.stream import RequestStream
@@ -39,7 +40,8 @@ class Engine:
         self.fault_injector = FaultInjector()
         self._scheduler = Scheduler(self.config)
         self._outbox = Outbox()
-        self._worker = Worker(ModelRunner(loaded_model.model, self.fault_injector), self._scheduler,
+        runner_type = Seq2SeqRunner if loaded_model.is_encoder_decoder else ModelRunner
+        self._worker = Worker(runner_type(loaded_model.model, self.fault_injector), self._scheduler,
                               release=store.release if store is not None else (lambda prompt: None),
                               flush=self._outbox.flush)
         self._wake = threading.Condition()
@@ -117,7 +119,7 @@ class Engine:
                  request_id: str) -> RequestStream:
         num_virtual = 0
         if prompt is not None:
-            validation.check_prompt(prompt, self.loaded.hidden_size)
+            validation.check_prompt(prompt, self.loaded.hidden_size, self.loaded.task_type)
             num_virtual = prompt.num_virtual_tokens
         validation.check_context(num_virtual, len(ids), params.max_new_tokens, self.config,
                                  self.loaded.max_positions)

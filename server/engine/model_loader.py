@@ -1,4 +1,4 @@
-"""Load the one frozen causal LM and its tokenizer (hub id or local folder)."""
+"""Load the one frozen model (causal LM, or T5-family encoder-decoder) and its tokenizer (hub id or folder)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from prompt_store.soft_prompt import CAUSAL_LM, SEQ_2_SEQ_LM
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -15,7 +17,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 class LoadedModel:
     """The frozen model with what the engine needs to know about it."""
 
-    model: Any  # a transformers PreTrainedModel (causal LM), eval mode, no grads
+    model: Any  # a transformers PreTrainedModel (causal LM or seq2seq LM), eval mode, no grads
     tokenizer: Any  # a transformers tokenizer
     device: torch.device
     dtype: torch.dtype
@@ -24,6 +26,12 @@ class LoadedModel:
     max_positions: int | None  # None: the model has no position limit (ALiBi)
     eos_token_ids: frozenset[int]
     name: str = ""
+    is_encoder_decoder: bool = False  # True: the prompt goes to the encoder (PEFT SEQ_2_SEQ_LM)
+
+    @property
+    def task_type(self) -> str:
+        """The PEFT task type of the adapters this model serves."""
+        return SEQ_2_SEQ_LM if self.is_encoder_decoder else CAUSAL_LM
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -47,12 +55,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def load_model(name_or_path: str, device: str | torch.device = "auto",
                dtype: str | torch.dtype | None = None) -> LoadedModel:
     """Load once, frozen: `eval()`, `requires_grad_(False)`, on the chosen device and dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.is_encoder_decoder:
+        _check_seq2seq_type(config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dt)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(name_or_path, dtype=dt)
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
@@ -63,11 +80,24 @@ def describe(model: Any, tokenizer: Any, name: str = "") -> LoadedModel:
     """Wrap an already loaded model (tests, benchmarks) as a LoadedModel."""
     config = model.config.get_text_config(decoder=True)
     emb = model.get_input_embeddings()
+    is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    if is_seq2seq:
+        _check_seq2seq_type(model.config.model_type)
     return LoadedModel(
         model=model, tokenizer=tokenizer, device=emb.weight.device, dtype=emb.weight.dtype,
         hidden_size=int(emb.weight.shape[1]), vocab_size=int(emb.weight.shape[0]),
-        max_positions=_max_positions(config), eos_token_ids=_eos_ids(model, tokenizer), name=name,
+        # T5's relative position buckets have no table, hence no hard limit.
+        max_positions=None if is_seq2seq else _max_positions(config),
+        eos_token_ids=_eos_ids(model, tokenizer), name=name, is_encoder_decoder=is_seq2seq,
     )
+
+
+def _check_seq2seq_type(model_type: str) -> None:
+    from server.engine.runner_seq2seq import SUPPORTED_MODEL_TYPES
+
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"encoder-decoder model type {model_type!r} is not supported; "
+                         f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
 
 
 def _max_positions(config: Any) -> int | None:

@@ -41,6 +41,10 @@ class ModelRunner:
         batch.advance(inputs)
         return logits
 
+    def penalty_history(self, seq: Sequence) -> list[int]:
+        """Tokens the repetition penalty sees: prompt and generated tokens, as in HF generate."""
+        return seq.prompt_ids + seq.generated
+
     def _forward(self, inputs: ForwardInputs, cache: Any) -> torch.Tensor:
         kwargs: dict[str, Any] = {
             "attention_mask": inputs.attention_mask,

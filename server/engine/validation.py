@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from prompt_store.soft_prompt import CAUSAL_LM
+from prompt_store.soft_prompt import CAUSAL_LM, SEQ_2_SEQ_LM
 from server.engine.config import EngineConfig
 from server.engine.errors import IncompatibleTask, InputTooLong, InvalidRequest
 from server.engine.types import SamplingParams
-
 
 # Smaller values overflow float32 logits (logits / t -> inf, NaN probabilities): refuse them, as TGI does.
 MIN_TEMPERATURE = 1e-3
@@ -61,10 +60,14 @@ def check_input_length(num_ids: int, config: EngineConfig) -> None:
         raise InputTooLong(f"{num_ids} input tokens exceed the limit {config.max_input_tokens}")
 
 
-def check_prompt(prompt: Any, hidden_size: int) -> None:
-    """The task's adapter must be a causal-LM prompt of the served model's width."""
-    if prompt.task_type != CAUSAL_LM:
-        raise IncompatibleTask(f"task {prompt.task_id!r} is {prompt.task_type}; this server runs a causal LM")
+MODEL_KINDS = {CAUSAL_LM: "a causal LM", SEQ_2_SEQ_LM: "an encoder-decoder (seq2seq) LM"}
+
+
+def check_prompt(prompt: Any, hidden_size: int, task_type: str = CAUSAL_LM) -> None:
+    """The task's adapter must be a prompt of the served model's task type and width."""
+    if prompt.task_type != task_type:
+        raise IncompatibleTask(f"task {prompt.task_id!r} is {prompt.task_type}; this server runs "
+                               f"{MODEL_KINDS[task_type]} ({task_type} adapters fit)")
     if prompt.token_dim != hidden_size:
         raise IncompatibleTask(f"task {prompt.task_id!r} has token_dim {prompt.token_dim}; "
                                f"the model's hidden size is {hidden_size}")

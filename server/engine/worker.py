@@ -14,6 +14,7 @@ from server.engine import kv_cache
 from server.engine.batch import Batch
 from server.engine.errors import EngineError, RequestFailed
 from server.engine.runner import ModelRunner
+from server.engine.runner_seq2seq import Seq2SeqRunner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
@@ -27,7 +28,7 @@ LogitsTap = Callable[[str, int, torch.Tensor], None]  # (request_id, token index
 class Worker:
     """Owns the running batch; every method runs on the engine's single worker thread."""
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, release: Callable[[Any], None],
+    def __init__(self, runner: ModelRunner | Seq2SeqRunner, scheduler: Scheduler, release: Callable[[Any], None],
                  flush: Callable[[], None] = lambda: None):
         self._runner = runner
         self._flush = flush  # hands this step's stream events to the callers' event loops
@@ -88,7 +89,7 @@ class Worker:
         if self.logits_tap is not None:
             for row, seq in enumerate(seqs):
                 self.logits_tap(seq.request_id, len(seq.generated), logits[row].clone())
-        histories = [s.prompt_ids + s.generated if s.params.repetition_penalty != 1.0 else [] for s in seqs]
+        histories = [self._runner.penalty_history(s) if s.params.repetition_penalty != 1.0 else [] for s in seqs]
         out = sample(logits, [s.params for s in seqs], histories, batch.generators)
         keep: list[int] = []
         for row, seq in enumerate(seqs):

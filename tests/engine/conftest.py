@@ -64,3 +64,24 @@ def write_peft_adapters(model_dir: Path, root: Path, num_virtual: dict[str, int]
 def run(coro):
     """Run a coroutine to completion on a fresh event loop (tests stay plain functions)."""
     return asyncio.run(coro)
+
+
+@pytest.fixture(scope="session")
+def seq2seq_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer T5 with the demo tokenizer whose greedy outputs depend on the input and the prompt.
+
+    The demo T5 (initializer_factor 1, ReLU) answers its start token for every input; a gated-GELU
+    feed-forward and a wider init give varied, peaked greedy choices, so a wrong cache or mask shows.
+    (Untied embeddings are avoided: transformers 5 then unties the encoder's embedding from `shared` too.)
+    """
+    import transformers as tf
+
+    folder = tmp_path_factory.mktemp("engine-t5")
+    tokenizer = train_tokenizer(demo_corpus(), vocab_size=512)
+    config = model_config("t5", tokenizer, hidden_size=64, num_layers=2, num_heads=4)
+    config.initializer_factor = 8.0
+    config.feed_forward_proj, config.dense_act_fn, config.is_gated_act = "gated-gelu", "gelu_new", True
+    torch.manual_seed(0)
+    tf.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

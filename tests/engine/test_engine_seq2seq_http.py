@@ -1,0 +1,71 @@
+"""A real uvicorn server on a tiny T5: SEQ_2_SEQ_LM adapters uploaded over HTTP give, through /generate,
+streaming and /v1/completions, what PeftModelForSeq2SeqLM.generate gives each request alone; a CAUSAL_LM
+adapter is refused with 422 naming the type that fits."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+from server.config import Settings
+from tests.engine.conftest import write_peft_adapters
+from tests.engine.test_engine_seq2seq import (
+    NUM_VIRTUAL,
+    REQUESTS,
+    peft_reference,
+    write_seq2seq_adapters,
+)
+from tests.live_server_util import assert_error, run_server, sse_events
+
+
+def _upload(client, task_id: str, folder) -> None:
+    files = {"config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+             "weights": ("adapter_model.safetensors", (folder / "adapter_model.safetensors").read_bytes())}
+    r = client.put(f"/v1/tasks/{task_id}", files=files)
+    assert r.status_code == 201, r.text
+
+
+def _generate(client, index: int) -> list[int]:
+    task_id, text, max_new, _ = REQUESTS[index]
+    body = {"inputs": text, "parameters": {"max_new_tokens": max_new, "details": True}}
+    if task_id is not None:
+        body["task_id"] = task_id
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return [t["id"] for t in r.json()["details"]["tokens"]]
+
+
+def test_t5_server_matches_peft_and_refuses_causal_adapter(seq2seq_model_dir, tiny_model_dir, tmp_path):
+    adapters = write_seq2seq_adapters(seq2seq_model_dir, tmp_path / "peft", NUM_VIRTUAL)
+    causal = write_peft_adapters(tiny_model_dir("llama"), tmp_path / "causal", {"causal": 3})
+    expected = [tokens for tokens, _ in peft_reference(seq2seq_model_dir, adapters)]
+    settings = Settings(model=str(seq2seq_model_dir), store=tmp_path / "store", served_model_name="t5",
+                        device="cpu", max_batch_size=16, max_new_tokens=64, shutdown_grace_s=2)
+    with run_server(settings) as live, live.client() as c:
+        for task_id, folder in adapters.items():
+            _upload(c, task_id, folder)
+        body = assert_error(c.put("/v1/tasks/causal", files={
+            "config": ("adapter_config.json", (causal["causal"] / "adapter_config.json").read_bytes()),
+            "weights": ("adapter_model.safetensors", (causal["causal"] / "adapter_model.safetensors").read_bytes())}),
+            422)
+        assert "SEQ_2_SEQ_LM" in body["error"], body
+        assert_error(c.get("/v1/tasks/causal"), 404)
+        # All requests at once: the engine batches them across tasks.
+        with ThreadPoolExecutor(len(REQUESTS)) as pool:
+            got = list(pool.map(lambda i: _generate(c, i), range(len(REQUESTS))))
+        assert got == expected
+        _check_stream_and_completions(c, live.runtime.tokenizer, expected)
+
+
+def _check_stream_and_completions(c, tokenizer, expected: list[list[int]]) -> None:
+    task_id, text, max_new, _ = REQUESTS[3]
+    with c.stream("POST", "/generate_stream", json={"task_id": task_id, "inputs": text,
+                                                    "parameters": {"max_new_tokens": max_new}}) as r:
+        assert r.status_code == 200
+        events = [e for e in sse_events(r) if e != "[DONE]"]
+    assert [e["token"]["id"] for e in events] == expected[3]
+    r = c.post("/v1/completions", json={"model": task_id, "prompt": text, "max_tokens": max_new,
+                                        "temperature": 0})
+    assert r.status_code == 200, r.text
+    want = tokenizer.decode(expected[3], skip_special_tokens=True)
+    assert r.json()["choices"][0]["text"] == want, json.dumps(r.json())
