@@ -17,7 +17,7 @@ from live_server_util import run_server
 
 from reliability_util import TASKS, TENANT_TASKS, create_tasks, keys_file
 
-pytest.importorskip("schemathesis")
+import schemathesis  # noqa: E402,F401  (a test dependency: fail loudly if it is missing, never skip)
 EXAMPLES = os.environ.get("PROMPTSERVE_FUZZ_EXAMPLES", "3")
 PHASES = os.environ.get("PROMPTSERVE_FUZZ_PHASES", "fuzzing")
 MAX_TIME = os.environ.get("PROMPTSERVE_FUZZ_MAX_TIME", "8")  # seconds per run
