@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import uvicorn
@@ -63,11 +64,19 @@ def free_socket() -> socket.socket:
     return sock
 
 
-def wait_for_path(url: str, thread: threading.Thread, path: str = "/ready", timeout_s: float = 120) -> None:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a server started in a subprocess)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_ok(url: str, is_alive: Callable[[], bool], path: str = "/ready", timeout_s: float = 120) -> None:
+    """Poll `url + path` until it answers 200; fail at once if the server (thread or process) died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not thread.is_alive():
-            raise RuntimeError("the server thread died during startup")
+        if not is_alive():
+            raise RuntimeError(f"the server at {url} died during startup")
         try:
             if httpx.get(url + path, timeout=5).status_code == 200:
                 return
@@ -75,6 +84,16 @@ def wait_for_path(url: str, thread: threading.Thread, path: str = "/ready", time
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+def wait_for_path(url: str, thread: threading.Thread, path: str = "/ready", timeout_s: float = 120) -> None:
+    """`wait_until_ok` for a server running in a thread of this process."""
+    wait_until_ok(url, thread.is_alive, path, timeout_s)
+
+
+def wait_for_process(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """`wait_until_ok` on /ready for a server started with `subprocess.Popen`."""
+    wait_until_ok(url, lambda: proc.poll() is None, "/ready", timeout_s)
 
 
 @contextmanager

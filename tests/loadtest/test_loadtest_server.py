@@ -5,25 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+from live_server_util import free_port, wait_for_process
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.cli import main
 
 READY_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +30,11 @@ def real_server(tiny_model_dir, tmp_path_factory):
          "--model", str(model), "--store", str(store), "--max-batch-size", "8", "--log-level", "warning"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT_S
     try:
-        while True:
-            assert proc.poll() is None, f"server exited: {open(log.name).read()[-2000:]}"
-            assert time.monotonic() < deadline, "server not ready in time"
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        try:
+            wait_for_process(url, proc, READY_TIMEOUT_S)
+        except RuntimeError:
+            raise AssertionError(f"server exited: {open(log.name).read()[-2000:]}") from None
         yield url
     finally:
         proc.send_signal(signal.SIGINT)

@@ -5,32 +5,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
+from live_server_util import free_port, wait_for_process
 
 NUM_TOKENS = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server not ready (exit {proc.poll()})")
 
 
 def _stream(url: str, first_event: cf.Future) -> list[dict]:
@@ -56,13 +38,13 @@ def _refused(url: str) -> bool:
 
 
 def test_sigterm_drains_running_requests_and_exits_0(tiny_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_dir("llama")), "--port", str(port),
            "--store", str(tmp_path / "prompts"), "--device", "cpu", "--shutdown-grace-s", "20"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_ready(url, proc)
+        wait_for_process(url, proc)
         assert httpx.put(url + "/v1/tasks/t", json={"init": "random", "num_virtual_tokens": 4}).status_code == 201
         with cf.ThreadPoolExecutor(1) as pool:
             first_event: cf.Future = cf.Future()
