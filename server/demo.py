@@ -15,6 +15,8 @@ from pathlib import Path
 DEMO_FAMILY = "llama"
 DEMO_SEED = 0
 DEMO_VERSION = "1"  # bump when the recipe changes, so cached copies are rebuilt
+# Encoder-decoder families sharing BART's config names (d_model, encoder_layers, ...): tests build them.
+BART_LIKE_FAMILIES = ("bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small")
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -83,6 +85,12 @@ def model_config(family: str, tokenizer, *, hidden_size: int = 64, num_layers: i
         return tf.T5Config(d_model=hidden_size, d_kv=hidden_size // num_heads, d_ff=hidden_size * 2,
                            num_layers=num_layers, num_heads=num_heads, decoder_start_token_id=tokenizer.pad_token_id,
                            **ids)
+    if family in BART_LIKE_FAMILIES:  # one set of hyper-parameter names across the BART family
+        return tf.AutoConfig.for_model(
+            family, d_model=hidden_size, encoder_layers=num_layers, decoder_layers=num_layers,
+            encoder_attention_heads=num_heads, decoder_attention_heads=num_heads, encoder_ffn_dim=hidden_size * 2,
+            decoder_ffn_dim=hidden_size * 2, max_position_embeddings=max_positions,
+            decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id, **ids)
     raise ValueError(f"unknown model family {family!r}")
 
 

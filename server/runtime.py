@@ -64,7 +64,10 @@ def engine_config(settings: Settings, loaded: Any):
     """The engine's limits from the settings (total tokens default to the model's context)."""
     from server.engine.config import EngineConfig
 
-    max_total = settings.max_total_tokens or loaded.max_positions or EngineConfig.max_total_tokens
+    table = loaded.max_positions
+    if table is not None and loaded.is_encoder_decoder:
+        table *= 2  # an encoder input and a decoder output, each up to the table's length
+    max_total = settings.max_total_tokens or table or EngineConfig.max_total_tokens
     return EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                         max_input_tokens=settings.max_input_tokens, max_new_tokens=settings.max_new_tokens,
                         max_total_tokens=max_total)

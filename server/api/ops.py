@@ -47,6 +47,8 @@ async def info(runtime: Runtime = Depends(get_runtime)) -> dict:
     return {
         "model_id": runtime.model_name, "model_path": runtime.loaded.name, "device": str(runtime.loaded.device),
         "dtype": str(runtime.loaded.dtype).removeprefix("torch."), "hidden_size": runtime.loaded.hidden_size,
+        "model_type": runtime.loaded.model.config.model_type, "task_type": runtime.loaded.task_type,
+        "max_total_tokens": runtime.engine.config.max_total_tokens,
         "max_batch_size": s.max_batch_size, "max_queue": s.max_queue, "max_input_tokens": s.max_input_tokens,
         "max_new_tokens": s.max_new_tokens, "max_virtual_tokens": s.max_virtual_tokens,
         "has_chat_template": runtime.has_chat_template,

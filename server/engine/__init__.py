@@ -1,5 +1,5 @@
 """The engine: continuous batching of mixed-task soft-prompt requests on one frozen causal LM, or on a
-T5-family encoder-decoder (SEQ_2_SEQ_LM adapters: the prompt goes to the encoder, see runner_seq2seq.py).
+T5- or BART-family encoder-decoder (SEQ_2_SEQ_LM adapters: the prompt goes to the encoder, see runner_seq2seq.py).
 
 Public API (import from the modules; nothing heavy is imported here):
   server.engine.model_loader.load_model(name_or_path, device="auto", dtype=None) -> LoadedModel

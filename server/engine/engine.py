@@ -122,7 +122,7 @@ class Engine:
             validation.check_prompt(prompt, self.loaded.hidden_size, self.loaded.task_type)
             num_virtual = prompt.num_virtual_tokens
         validation.check_context(num_virtual, len(ids), params.max_new_tokens, self.config,
-                                 self.loaded.max_positions)
+                                 self.loaded.max_positions, self.loaded.is_encoder_decoder)
         seed = params.seed if params.seed is not None or not params.do_sample else secrets.randbits(63)
         stream = RequestStream(request_id, asyncio.get_running_loop(), self._outbox,
                                num_prompt_tokens=len(ids), num_virtual_tokens=num_virtual)

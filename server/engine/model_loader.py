@@ -1,4 +1,4 @@
-"""Load the one frozen model (causal LM, or T5-family encoder-decoder) and its tokenizer (hub id or folder)."""
+"""Load the one frozen model (causal LM, or T5/BART-family encoder-decoder) and its tokenizer."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from prompt_store.soft_prompt import CAUSAL_LM, SEQ_2_SEQ_LM
+from server.engine import seq2seq_families
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -23,7 +24,8 @@ class LoadedModel:
     dtype: torch.dtype
     hidden_size: int
     vocab_size: int
-    max_positions: int | None  # None: the model has no position limit (ALiBi)
+    # Causal: the context's position table. Seq2seq: each side's (encoder input, decoder output) table.
+    max_positions: int | None  # None: no position limit (ALiBi, T5's relative buckets)
     eos_token_ids: frozenset[int]
     name: str = ""
     is_encoder_decoder: bool = False  # True: the prompt goes to the encoder (PEFT SEQ_2_SEQ_LM)
@@ -66,7 +68,7 @@ def load_model(name_or_path: str, device: str | torch.device = "auto",
     dt = resolve_dtype(dtype, dev)
     config = AutoConfig.from_pretrained(name_or_path)
     if config.is_encoder_decoder:
-        _check_seq2seq_type(config.model_type)
+        seq2seq_families.check_supported(config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_pretrained(name_or_path, dtype=dt)
@@ -82,22 +84,13 @@ def describe(model: Any, tokenizer: Any, name: str = "") -> LoadedModel:
     emb = model.get_input_embeddings()
     is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     if is_seq2seq:
-        _check_seq2seq_type(model.config.model_type)
+        seq2seq_families.check_supported(model.config.model_type)
     return LoadedModel(
         model=model, tokenizer=tokenizer, device=emb.weight.device, dtype=emb.weight.dtype,
         hidden_size=int(emb.weight.shape[1]), vocab_size=int(emb.weight.shape[0]),
-        # T5's relative position buckets have no table, hence no hard limit.
-        max_positions=None if is_seq2seq else _max_positions(config),
+        max_positions=seq2seq_families.position_limit(model.config) if is_seq2seq else _max_positions(config),
         eos_token_ids=_eos_ids(model, tokenizer), name=name, is_encoder_decoder=is_seq2seq,
     )
-
-
-def _check_seq2seq_type(model_type: str) -> None:
-    from server.engine.runner_seq2seq import SUPPORTED_MODEL_TYPES
-
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"encoder-decoder model type {model_type!r} is not supported; "
-                         f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
 
 
 def _max_positions(config: Any) -> int | None:

@@ -1,9 +1,13 @@
-"""Seq2SeqRunner: the only code that calls a frozen encoder-decoder model (T5 family).
+"""Seq2SeqRunner: the only code that calls a frozen encoder-decoder model (T5 and BART families).
 
 PEFT semantics (PeftModelForSeq2SeqLM, PROMPT_TUNING): only the encoder gets the prompt. Encoder row i is
-`[pads][P_i][E(ids_i)]` with mask 0 on pads (T5 has relative position buckets: no position ids, and left
-padding leaves every real token's relative distances unchanged). The decoder is untouched: it starts from
-`decoder_start_token_id` and decodes with self-attention and cross-attention caches (kv_cache.py).
+`[pads][P_i][E(ids_i)]` with mask 0 on pads. The decoder is untouched: it starts from the decoder start
+token and decodes with self-attention and cross-attention caches (kv_cache.py). Rows are left-padded in
+both; models with absolute position tables get each row's own positions (seq2seq_families.py).
+
+From the model's generation config the runner takes what defines the model's output language, as HF
+generate does: `decoder_start_token_id` (else `bos_token_id`) and `forced_bos_token_id`. Decoding
+choices (beams, n-gram bans, forcing EOS at the length limit) come from the request, not the model.
 """
 
 from __future__ import annotations
@@ -16,11 +20,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from server.engine import kv_cache
 from server.engine.batch import Batch, EncoderState, prefill_inputs
 from server.engine.faults import DECODE, PREFILL, FaultInjector
+from server.engine.seq2seq_families import PositionTables, bare_text_scale
 from server.engine.sequence import Sequence
-
-# Decoders whose self-attention positions are relative (bias buckets), so left-padded rows of different
-# lengths see the same distances as alone. Learned absolute decoder positions (BART) would need more.
-SUPPORTED_MODEL_TYPES = frozenset({"t5", "mt5", "umt5"})
 
 
 class Seq2SeqRunner:
@@ -29,13 +30,16 @@ class Seq2SeqRunner:
     def __init__(self, model: Any, faults: FaultInjector):
         self.model = model
         self.faults = faults
-        self.decoder_start_token_id = int(model.config.decoder_start_token_id)
+        self.decoder_start_token_id = decoder_start_token_id(model)
+        self.forced_bos_token_id = _generation_setting(model, "forced_bos_token_id")
+        self.positions = PositionTables(model)
+        self.bare_text_scale = bare_text_scale(model)
 
     def prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor]:
         """One encoder pass over the newcomers, then their first decoder step (from the start token)."""
         self.faults.check(PREFILL, [s.request_id for s in seqs])
-        inputs = prefill_inputs(seqs, self.model.get_input_embeddings())  # its position ids are unused
-        with torch.inference_mode():
+        inputs = prefill_inputs(seqs, self.model.get_input_embeddings(), self.bare_text_scale)
+        with torch.inference_mode(), self.positions.encoder(inputs.position_ids):
             hidden = self.model.get_encoder()(inputs_embeds=inputs.inputs_embeds,
                                               attention_mask=inputs.attention_mask).last_hidden_state
         device = hidden.device
@@ -46,6 +50,9 @@ class Seq2SeqRunner:
                       torch.full((rows,), self.decoder_start_token_id, dtype=torch.long, device=device),
                       EncoderState(hidden, inputs.attention_mask))
         logits = self._step(batch)
+        if self.forced_bos_token_id is not None:  # HF's ForcedBOSTokenLogitsProcessor: only this token
+            logits = torch.full_like(logits, float("-inf"))
+            logits[:, self.forced_bos_token_id] = 0.0
         return batch, logits
 
     def decode(self, batch: Batch) -> torch.Tensor:
@@ -68,7 +75,25 @@ class Seq2SeqRunner:
             kv_cache.CACHE_ARGUMENT: batch.cache,
             "use_cache": True,
         }
-        with torch.inference_mode():
+        with torch.inference_mode(), self.positions.decoder(inputs.position_ids):
             out = self.model(**kwargs)
         batch.advance(inputs)
         return out.logits[:, -1, :].float()  # [B, V]
+
+
+def decoder_start_token_id(model: Any) -> int:
+    """The decoder's first input token, as HF generate picks it (generation config, then BOS)."""
+    for key in ("decoder_start_token_id", "bos_token_id"):
+        value = _generation_setting(model, key)
+        if value is not None:
+            return value
+    raise ValueError("the model defines neither decoder_start_token_id nor bos_token_id: "
+                     "set one in its config.json or generation_config.json")
+
+
+def _generation_setting(model: Any, key: str) -> int | None:
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, key, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -74,10 +74,19 @@ def check_prompt(prompt: Any, hidden_size: int, task_type: str = CAUSAL_LM) -> N
 
 
 def check_context(num_virtual: int, num_ids: int, max_new: int, config: EngineConfig,
-                  max_positions: int | None) -> None:
-    """Virtual + input + new tokens against max_total_tokens and the model's position table."""
+                  max_positions: int | None, is_encoder_decoder: bool = False) -> None:
+    """Virtual + input + new tokens against max_total_tokens and the model's position tables (causal: one
+    context; encoder-decoder: the encoder's virtual + input tokens and the decoder's new tokens apart)."""
     total = num_virtual + num_ids + max_new
-    limit = config.max_total_tokens if max_positions is None else min(config.max_total_tokens, max_positions)
+    if is_encoder_decoder:
+        limit = config.max_total_tokens
+        if max_positions is not None and num_virtual + num_ids > max_positions:
+            raise InputTooLong(f"{num_virtual} virtual + {num_ids} input tokens = {num_virtual + num_ids} "
+                               f"exceed the encoder's {max_positions} positions")
+        if max_positions is not None and max_new > max_positions:
+            raise InputTooLong(f"max_new_tokens {max_new} exceeds the decoder's {max_positions} positions")
+    else:
+        limit = config.max_total_tokens if max_positions is None else min(config.max_total_tokens, max_positions)
     if total > limit:
         raise InputTooLong(f"{num_virtual} virtual + {num_ids} input + {max_new} new tokens = {total} "
                            f"exceed the context limit {limit}")

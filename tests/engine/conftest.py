@@ -66,22 +66,52 @@ def run(coro):
     return asyncio.run(coro)
 
 
+SEQ2SEQ_FAMILIES = ("t5", "bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small")
+SEQ2SEQ_MAX_POSITIONS = 64  # BART-like tables: small, so the limit tests stay cheap
+
+
+def _seq2seq_config(family: str, tokenizer):
+    config = model_config(family, tokenizer, hidden_size=64, num_layers=2, num_heads=4,
+                          max_positions=SEQ2SEQ_MAX_POSITIONS)
+    if family == "t5":
+        # The demo T5 (initializer_factor 1, ReLU) answers its start token for every input; a gated-GELU
+        # feed-forward and a wider init give varied, peaked greedy choices, so a wrong cache or mask shows.
+        # (Untied embeddings are avoided: transformers 5 then unties the encoder's embedding from `shared`.)
+        config.initializer_factor = 8.0
+        config.feed_forward_proj, config.dense_act_fn, config.is_gated_act = "gated-gelu", "gelu_new", True
+    else:
+        config.init_std = 1.0  # varied greedy choices, as for T5
+        config.scale_embedding = True  # as in mBART, Pegasus, Marian, Blenderbot checkpoints
+    return config
+
+
 @pytest.fixture(scope="session")
-def seq2seq_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer T5 with the demo tokenizer whose greedy outputs depend on the input and the prompt.
+def seq2seq_model_dirs(tmp_path_factory) -> Callable[[str], Path]:
+    """`seq2seq_model_dirs("bart")` -> a 2-layer encoder-decoder of that family with the demo tokenizer.
 
-    The demo T5 (initializer_factor 1, ReLU) answers its start token for every input; a gated-GELU
-    feed-forward and a wider init give varied, peaked greedy choices, so a wrong cache or mask shows.
-    (Untied embeddings are avoided: transformers 5 then unties the encoder's embedding from `shared` too.)
+    The BART model also forces BOS as its first decoder token, as facebook/bart-large's config does.
     """
-    import transformers as tf
+    built: dict[str, Path] = {}
 
-    folder = tmp_path_factory.mktemp("engine-t5")
-    tokenizer = train_tokenizer(demo_corpus(), vocab_size=512)
-    config = model_config("t5", tokenizer, hidden_size=64, num_layers=2, num_heads=4)
-    config.initializer_factor = 8.0
-    config.feed_forward_proj, config.dense_act_fn, config.is_gated_act = "gated-gelu", "gelu_new", True
-    torch.manual_seed(0)
-    tf.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    def make(family: str) -> Path:
+        if family not in built:
+            import transformers as tf
+
+            folder = tmp_path_factory.mktemp(f"engine-{family}")
+            tokenizer = train_tokenizer(demo_corpus(), vocab_size=512)
+            torch.manual_seed(0)
+            model = tf.AutoModelForSeq2SeqLM.from_config(_seq2seq_config(family, tokenizer))
+            if family == "bart":
+                model.generation_config.forced_bos_token_id = tokenizer.bos_token_id
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            built[family] = folder
+        return built[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def seq2seq_model_dir(seq2seq_model_dirs) -> Path:
+    """The tiny T5."""
+    return seq2seq_model_dirs("t5")

@@ -1,5 +1,6 @@
-"""Encoder-decoder (tiny T5) serving SEQ_2_SEQ_LM prompt-tuning adapters: a mixed batch of tasks (different
-n, arrival steps, one bare request) gives each request what PeftModelForSeq2SeqLM.generate gives it alone."""
+"""Encoder-decoder models (tiny T5 and BART-family models) serving SEQ_2_SEQ_LM prompt-tuning adapters: a
+mixed batch of tasks (different n, arrival steps, one bare request) gives each request what
+PeftModelForSeq2SeqLM.generate gives it alone (the bare one: what the base model gives it)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from server.engine.engine import Engine
 from server.engine.errors import IncompatibleTask, RequestFailed
 from server.engine.model_loader import load_model
 from server.engine.types import SamplingParams
-from tests.engine.conftest import run, write_peft_adapters
+from tests.engine.conftest import SEQ2SEQ_FAMILIES, run, write_peft_adapters
 
 NUM_VIRTUAL = {"alpha": 1, "beta": 4, "gamma": 7, "delta": 12}
 # Logits here are large (wide init, |logit| up to ~100) and float32 noise grows with them: judged relative
@@ -73,8 +74,10 @@ def peft_reference(model_dir: Path, adapters: dict[str, Path],
             model = peft
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
+            # Plain greedy: the engine takes decoding choices from the request, not the model's generation
+            # config (BART-family configs force EOS at the length limit; Blenderbot bans encoder n-grams).
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                 do_sample=False)
+                                 do_sample=False, forced_eos_token_id=None, encoder_no_repeat_ngram_size=0)
             assert out[0, 0].item() == base.config.decoder_start_token_id
             logits = [model(input_ids=ids, attention_mask=torch.ones_like(ids),
                             decoder_input_ids=out[:, :k + 1]).logits[0, -1] for k in range(out.shape[1] - 1)]
@@ -106,28 +109,49 @@ async def _engine_outputs(engine: Engine) -> tuple[list, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def t5_setup(seq2seq_model_dir, tmp_path_factory):
-    model_dir = seq2seq_model_dir
-    root = tmp_path_factory.mktemp("seq2seq-store")
-    adapters = write_seq2seq_adapters(model_dir, root, NUM_VIRTUAL)
-    return model_dir, root, adapters
+def family_setup(seq2seq_model_dirs, tmp_path_factory):
+    """`family_setup("bart")` -> (model folder, store root with the PEFT adapters, adapter folders)."""
+    built: dict[str, tuple] = {}
+
+    def make(family: str) -> tuple:
+        if family not in built:
+            model_dir = seq2seq_model_dirs(family)
+            root = tmp_path_factory.mktemp(f"seq2seq-store-{family}")
+            built[family] = model_dir, root, write_seq2seq_adapters(model_dir, root, NUM_VIRTUAL)
+        return built[family]
+
+    return make
 
 
 @pytest.fixture(scope="module")
-def reference(t5_setup):
-    model_dir, _, adapters = t5_setup
-    return peft_reference(model_dir, adapters)
+def reference_for(family_setup):
+    """`reference_for("bart")` -> peft_reference of that family's requests, computed once."""
+    done: dict[str, list] = {}
+
+    def make(family: str) -> list:
+        if family not in done:
+            model_dir, _, adapters = family_setup(family)
+            done[family] = peft_reference(model_dir, adapters)
+        return done[family]
+
+    return make
 
 
-def _t5_engine(t5_setup) -> Engine:
-    model_dir, root, _ = t5_setup
+@pytest.fixture(scope="module")
+def t5_setup(family_setup):
+    return family_setup("t5")
+
+
+def _engine(setup) -> Engine:
+    model_dir, root, _ = setup
     loaded = load_model(str(model_dir), device="cpu")
     store = PromptStore(root, token_dim=loaded.hidden_size, task_types=("SEQ_2_SEQ_LM",))
     return Engine(loaded, store, EngineConfig(max_batch_size=16))
 
 
-def test_mixed_batch_matches_peft_seq2seq_alone(t5_setup, reference):
-    engine = _t5_engine(t5_setup)
+def _run_requests(setup) -> tuple[list, list[int], dict[tuple[str, int], torch.Tensor]]:
+    """Every request's tokens, the running counts at each wave, and each row's logits before sampling."""
+    engine = _engine(setup)
     assert engine.loaded.is_encoder_decoder and engine.loaded.task_type == "SEQ_2_SEQ_LM"
     taps: dict[tuple[str, int], torch.Tensor] = {}
     engine.logits_tap = lambda rid, k, logits: taps.__setitem__((rid, k), logits)
@@ -136,20 +160,59 @@ def test_mixed_batch_matches_peft_seq2seq_alone(t5_setup, reference):
         token_lists, running = run(_engine_outputs(engine))
     finally:
         engine.stop(grace_s=5)
+    return token_lists, running, taps
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ_FAMILIES)
+def test_mixed_batch_matches_peft_seq2seq_alone(family, family_setup, reference_for):
+    setup = family_setup(family)
+    expected = reference_for(family)
+    token_lists, running, taps = _run_requests(setup)
     assert all(n > 0 for n in running[1:]), running  # every later wave joined a running batch
-    expected = reference
-    assert len({tuple(t[:4]) for t, _ in expected}) >= 6  # tasks and inputs really lead to different outputs
+    assert len({tuple(t[:5]) for t, _ in expected}) >= 6  # tasks and inputs really lead to different outputs
+    forced_bos = _forced_bos(setup[0])
     for i, (got, (want, ref_logits)) in enumerate(zip(token_lists, expected)):
         assert got == want, f"request {i} ({REQUESTS[i][0]}) differs from PeftModelForSeq2SeqLM.generate"
         for k, ref in enumerate(ref_logits):
+            if k == 0 and forced_bos is not None:  # HF forces it too: no model logits to compare
+                assert got[0] == forced_bos and taps[(f"r{i}", 0)].argmax().item() == forced_bos
+                continue
             diff = (taps[(f"r{i}", k)] - ref.float()).abs().max().item() / ref.abs().max().item()
             assert diff <= LOGIT_RTOL, f"request {i} step {k}: logits differ by {diff} (relative)"
 
 
-def test_decode_failure_fails_one_request_only(t5_setup, reference):
+def _forced_bos(model_dir: Path) -> int | None:
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(model_dir).forced_bos_token_id
+
+
+@pytest.mark.parametrize("disabled", ["positions", "bare_scale"])
+def test_family_handling_is_what_makes_parity(disabled, family_setup, reference_for, monkeypatch):
+    """The parity test can fail: without per-row positions (BART) or the bare-row scale (Marian), the
+    same requests no longer give PEFT's tokens."""
+    from server.engine import seq2seq_families
+
+    family = "bart" if disabled == "positions" else "marian"
+    setup = family_setup(family)
+    expected = [tokens for tokens, _ in reference_for(family)]
+    name = "ABSOLUTE_POSITION_TYPES" if disabled == "positions" else "SCALES_INPUT_IDS_IN_ENCODER"
+    monkeypatch.setattr(seq2seq_families, name, frozenset())
+    token_lists, _, _ = _run_requests(setup)
+    wrong = [i for i, (got, want) in enumerate(zip(token_lists, expected)) if got != want]
+    if disabled == "positions":
+        assert len(wrong) >= 4, wrong
+    else:
+        assert wrong == [4], wrong  # only the request without a task is run from its ids
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_decode_failure_fails_one_request_only(family, family_setup, reference_for):
     """Fault isolation on encoder-decoder batches: halving rows cuts the self-attention cache, the
     cross-attention cache and the encoder state alike; the others' tokens stay PEFT's."""
-    engine = _t5_engine(t5_setup)
+    setup = family_setup(family)
+    reference = reference_for(family)
+    engine = _engine(setup)
     engine.fault_injector.fail_request("r1", phase="decode")
     engine.start()
     try:

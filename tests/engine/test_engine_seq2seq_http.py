@@ -1,11 +1,13 @@
-"""A real uvicorn server on a tiny T5: SEQ_2_SEQ_LM adapters uploaded over HTTP give, through /generate,
-streaming and /v1/completions, what PeftModelForSeq2SeqLM.generate gives each request alone; a CAUSAL_LM
-adapter is refused with 422 naming the type that fits."""
+"""A real uvicorn server on a tiny T5 and a tiny BART: SEQ_2_SEQ_LM adapters uploaded over HTTP give, through
+/generate, streaming and /v1/completions, what PeftModelForSeq2SeqLM.generate gives each request alone; a
+CAUSAL_LM adapter is refused with 422 naming the type that fits."""
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from server.config import Settings
 from tests.engine.conftest import write_peft_adapters
@@ -35,13 +37,18 @@ def _generate(client, index: int) -> list[int]:
     return [t["id"] for t in r.json()["details"]["tokens"]]
 
 
-def test_t5_server_matches_peft_and_refuses_causal_adapter(seq2seq_model_dir, tiny_model_dir, tmp_path):
-    adapters = write_seq2seq_adapters(seq2seq_model_dir, tmp_path / "peft", NUM_VIRTUAL)
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_seq2seq_server_matches_peft_and_refuses_causal_adapter(family, seq2seq_model_dirs, tiny_model_dir,
+                                                                tmp_path):
+    model_dir = seq2seq_model_dirs(family)
+    adapters = write_seq2seq_adapters(model_dir, tmp_path / "peft", NUM_VIRTUAL)
     causal = write_peft_adapters(tiny_model_dir("llama"), tmp_path / "causal", {"causal": 3})
-    expected = [tokens for tokens, _ in peft_reference(seq2seq_model_dir, adapters)]
-    settings = Settings(model=str(seq2seq_model_dir), store=tmp_path / "store", served_model_name="t5",
+    expected = [tokens for tokens, _ in peft_reference(model_dir, adapters)]
+    settings = Settings(model=str(model_dir), store=tmp_path / "store", served_model_name=family,
                         device="cpu", max_batch_size=16, max_new_tokens=64, shutdown_grace_s=2)
     with run_server(settings) as live, live.client() as c:
+        info = c.get("/info").json()
+        assert (info["model_type"], info["task_type"]) == (family, "SEQ_2_SEQ_LM"), info
         for task_id, folder in adapters.items():
             _upload(c, task_id, folder)
         body = assert_error(c.put("/v1/tasks/causal", files={

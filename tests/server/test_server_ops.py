@@ -25,6 +25,7 @@ def test_health_ready_info(server):
         assert c.get("/ready").json() == {"status": "ready", "model": "tiny"}
         info = c.get("/info").json()
     assert info["model_id"] == "tiny" and info["max_batch_size"] == 16 and info["has_chat_template"]
+    assert (info["model_type"], info["task_type"]) == ("llama", "CAUSAL_LM")
 
 
 def test_metrics_count_requests_tokens_and_store(server):
