@@ -4,7 +4,9 @@
   (c) ceiling: HF generate at batch 16 on token inputs as long as text + virtual tokens (no soft prompt)
   (d) today: PeftModel.generate one request at a time, swapping adapters (--d-requests of them per round)
 
-Prints tokens/s and the ratios a/b, a/c, a/d (medians over interleaved rounds). Run: python bench/bench_engine.py [--device cuda --dtype bf16]
+Prints tokens/s and the ratios a/b, a/c, a/d (medians over interleaved rounds).
+Run: python bench/bench_engine.py [--device cuda --dtype bf16] [--family bart --layers 6]
+(encoder-decoders: --layers per stack; the prompt goes to the encoder, tokens are counted on the decoder)
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
-    p.add_argument("--family", default="llama", choices=["llama", "gpt2"])
+    p.add_argument("--family", default="llama", choices=["llama", "gpt2", "t5", "bart"])
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--heads", type=int, default=12)
@@ -84,13 +86,24 @@ def build_model(args: argparse.Namespace):
         config = tf.LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                                 num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                 max_position_embeddings=1024, **ids)
-    else:
+    elif args.family == "gpt2":
         config = tf.GPT2Config(n_embd=args.hidden, n_layer=args.layers, n_head=args.heads, n_positions=1024, **ids)
+    elif args.family == "t5":
+        config = tf.T5Config(d_model=args.hidden, d_kv=args.hidden // args.heads, d_ff=4 * args.hidden,
+                             num_layers=args.layers, num_heads=args.heads,
+                             decoder_start_token_id=tokenizer.pad_token_id, **ids)
+    else:
+        config = tf.BartConfig(d_model=args.hidden, encoder_layers=args.layers, decoder_layers=args.layers,
+                               encoder_attention_heads=args.heads, decoder_attention_heads=args.heads,
+                               encoder_ffn_dim=4 * args.hidden, decoder_ffn_dim=4 * args.hidden,
+                               max_position_embeddings=1024, decoder_start_token_id=tokenizer.eos_token_id, **ids)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    auto = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
+    model = auto.from_config(config).to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.generation_config.eos_token_id = None  # every run makes exactly --new-tokens tokens
+    model.generation_config.forced_eos_token_id = None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return describe(model, tokenizer, name=f"{args.family}-{args.hidden}x{args.layers}")
 
@@ -108,7 +121,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
     tasks = [f"task{i:02d}" for i in range(args.requests)]
     gen = torch.Generator().manual_seed(1)
     for task in tasks:
-        store.put(task, torch.randn(args.virtual_tokens, loaded.hidden_size, generator=gen))
+        store.put(task, torch.randn(args.virtual_tokens, loaded.hidden_size, generator=gen),
+                  task_type=loaded.task_type)
     peft = PeftModel.from_pretrained(loaded.model, f"{root}/{tasks[0]}", adapter_name=tasks[0])
     for task in tasks[1:]:
         peft.load_adapter(f"{root}/{task}", adapter_name=task)
@@ -143,18 +157,31 @@ def run_engine(setup: Setup, tasks: list[str]) -> Rate:
 
 
 def run_hf_batch(setup: Setup) -> Rate:
-    """Ceiling: base-model generate at full batch on ids as long as virtual + text tokens, left-padded."""
+    """Ceiling: base-model generate at full batch on ids as long as virtual + text tokens, padded (left for
+    a causal LM; right for an encoder, where absolute positions then stay right)."""
     tok = setup.loaded.tokenizer
     filler = tok("a")["input_ids"][-1]
     rows = [[filler] * setup.args.virtual_tokens + tok(t)["input_ids"] for t in setup.texts]
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=setup.loaded.device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=setup.loaded.device)
+    pads = [[0] * (width - len(r)) for r in rows]
+    if setup.loaded.is_encoder_decoder:
+        ids = [r + [tok.pad_token_id] * len(p) for r, p in zip(rows, pads)]
+        mask = [[1] * len(r) + p for r, p in zip(rows, pads)]
+    else:
+        ids = [[tok.pad_token_id] * len(p) + r for r, p in zip(rows, pads)]
+        mask = [p + [1] * len(r) for r, p in zip(rows, pads)]
+    device = setup.loaded.device
     watch = Stopwatch()
     with torch.inference_mode():
-        out = setup.loaded.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+        out = setup.loaded.model.generate(input_ids=torch.tensor(ids, device=device),
+                                          attention_mask=torch.tensor(mask, device=device), do_sample=False,
                                           max_new_tokens=setup.args.new_tokens, min_new_tokens=setup.args.new_tokens)
-    return watch.rate((out.shape[1] - width) * len(rows))
+    return watch.rate(_new_tokens(setup, out, width))
+
+
+def _new_tokens(setup: Setup, out: torch.Tensor, input_width: int) -> int:
+    """Generated tokens in a generate() output: after the inputs (causal) or the decoder start token."""
+    return (out.shape[1] - (1 if setup.loaded.is_encoder_decoder else input_width)) * out.shape[0]
 
 
 def run_peft_sequential(setup: Setup, num_requests: int) -> Rate:
@@ -168,7 +195,7 @@ def run_peft_sequential(setup: Setup, num_requests: int) -> Rate:
             ids = tok(text, return_tensors="pt")["input_ids"].to(setup.loaded.device)
             out = setup.peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                       max_new_tokens=setup.args.new_tokens, min_new_tokens=setup.args.new_tokens)
-            tokens += out.shape[1] - ids.shape[1]
+            tokens += _new_tokens(setup, out, ids.shape[1])
     return watch.rate(tokens)
 
 

@@ -56,6 +56,16 @@ class Metrics:
             return task_id
         return OTHER_TASKS
 
+    def forget_task(self, task_id: str) -> None:
+        """A deleted task: its series leave /metrics and its label slot is free for another task."""
+        if task_id not in self._task_labels:
+            return
+        self._task_labels.discard(task_id)
+        try:
+            self.task_requests.remove(task_id)
+        except KeyError:  # labelled but never counted
+            pass
+
     def observe_http(self, route: str, method: str, status: int) -> None:
         """Count one finished HTTP request."""
         method = method if method in _METHODS else "OTHER"  # any token is a method: keep labels bounded

@@ -71,9 +71,10 @@ async def put_task(task_id: str, request: Request, runtime: Runtime = Depends(ge
 @router.delete("/{task_id}", status_code=204)
 async def delete_task(task_id: str, request: Request, runtime: Runtime = Depends(get_runtime),
                       tenant: Tenant = Depends(get_tenant)) -> Response:
-    """Delete a task (404 if it does not exist)."""
+    """Delete a task (404 if it does not exist); its /metrics series go with it."""
     check_write(request, tenant, task_id)
     await asyncio.to_thread(runtime.store.delete, task_id)  # TaskNotFound -> 404
+    request.app.state.metrics.forget_task(task_id)
     return Response(status_code=204)
 
 

@@ -62,6 +62,28 @@ def test_task_label_cardinality_is_capped():
     assert labels == ["a", "b", OTHER_TASKS, "a", OTHER_TASKS, "__base__"]
 
 
+def test_deleted_task_frees_its_label():
+    m = Metrics(max_task_labels=2)
+    for task in ("a", "b"):
+        m.task_requests.labels(m.task_label(task)).inc()
+    m.forget_task("a")
+    m.forget_task("never-seen")
+    assert m.task_label("c") == "c"  # the freed slot
+    assert 'task="a"' not in m.render().decode() and 'task="b"' in m.render().decode()
+
+
+def test_delete_removes_the_task_series_from_metrics(server):
+    with server.client() as c:
+        r = c.put("/v1/tasks/short-lived", json={"init": "random", "num_virtual_tokens": 2})
+        assert r.status_code == 201, r.text
+        assert c.post("/generate", json={"task_id": "short-lived", "inputs": "x",
+                                         "parameters": {"max_new_tokens": 1}}).status_code == 200
+        key = ("promptserve_task_requests_total", (("task", "short-lived"),))
+        assert samples(c.get("/metrics").text)[key] == 1
+        assert c.delete("/v1/tasks/short-lived").status_code == 204
+        assert key not in samples(c.get("/metrics").text)
+
+
 def test_request_id_echoed_and_access_log_is_json(server, caplog):
     with caplog.at_level(logging.INFO, logger="promptserve.access"), server.client() as c:
         mine = c.get("/health", headers={"X-Request-Id": "req-abc.1"})
