@@ -16,7 +16,8 @@ DEMO_FAMILY = "llama"
 DEMO_SEED = 0
 DEMO_VERSION = "1"  # bump when the recipe changes, so cached copies are rebuilt
 # Encoder-decoder families sharing BART's config names (d_model, encoder_layers, ...): tests build them.
-BART_LIKE_FAMILIES = ("bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small")
+BART_LIKE_FAMILIES = ("bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small",
+                      "m2m_100")
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 

@@ -7,7 +7,8 @@ from the left edge of the batch, the same for every row (transformers 5.23's Bar
 position ids). A row left-padded by p columns, or a decoder row that joined the batch k steps late, would
 read shifted positions. `PositionTables` replaces the table lookup, for one forward, with each row's own
 positions (0 from its first virtual token in the encoder, 0 from the start token in the decoder):
-exactly what PEFT computes for the request alone.
+exactly what PEFT computes for the request alone. M2M100 (NLLB) reads sinusoids at `padding_idx + 1 +
+position`, and gives a pad token id the zero row `padding_idx`; the override does the same.
 
 Embedding scale. BART-like models scale inside their embedding module, so the text embeddings PEFT
 concatenates behind the prompt are scaled as usual. Pegasus, Marian and BlenderbotSmall scale in the
@@ -26,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 RELATIVE_POSITION_TYPES = frozenset({"t5", "mt5", "umt5"})
-# Each has `embed_positions`, an nn.Embedding table read at `position + offset` (offset 2 for BART's
-# padding hack, else 0), in the encoder and in the decoder.
+# Each has `embed_positions` in the encoder and in the decoder: an nn.Embedding table read at
+# `position + offset` (offset 2 for BART's padding hack, else 0), or M2M100's padding-aware sinusoids.
 ABSOLUTE_POSITION_TYPES = frozenset({"bart", "mbart", "plbart", "pegasus", "marian", "blenderbot",
-                                     "blenderbot-small"})
+                                     "blenderbot-small", "m2m_100"})
 SUPPORTED_MODEL_TYPES = RELATIVE_POSITION_TYPES | ABSOLUTE_POSITION_TYPES
 # The encoder multiplies `embed_tokens(input_ids)` by its `embed_scale`; given inputs_embeds, it does not.
 SCALES_INPUT_IDS_IN_ENCODER = frozenset({"pegasus", "marian", "blenderbot-small"})
@@ -74,28 +75,45 @@ class PositionTables:
         return _explicit(self._decoder, position_ids)
 
 
-def _table(stack: Any) -> torch.nn.Embedding:
+def _table(stack: Any) -> torch.nn.Module:
     table = getattr(stack, "embed_positions", None)
-    if not isinstance(table, torch.nn.Embedding):
+    if not (isinstance(table, torch.nn.Embedding) or _is_padding_aware(table)):
         raise ValueError(f"{type(stack).__name__} has no position table (embed_positions) to override")
     return table
 
 
-def _explicit(table: torch.nn.Embedding | None, position_ids: torch.Tensor):
+def _is_padding_aware(table: Any) -> bool:
+    # M2M100/NLLB: a sinusoidal buffer `weights` read at padding_idx + 1 + position (grown on demand)
+    return isinstance(getattr(table, "weights", None), torch.Tensor) and isinstance(
+        getattr(table, "padding_idx", None), int)
+
+
+def _rows(table: torch.nn.Module, position_ids: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+    """Each row's position embeddings [B, T, D], read as the model reads a single request's."""
+    if isinstance(table, torch.nn.Embedding):
+        return F.embedding(position_ids + int(getattr(table, "offset", 0)), table.weight)
+    pad = table.padding_idx
+    index = position_ids + pad + 1
+    if input_ids is not None:  # M2M100 gives a pad token id the all-zero row `padding_idx`
+        index = torch.where(input_ids == pad, pad, index)
+    return table.weights[index]
+
+
+def _explicit(table: torch.nn.Module | None, position_ids: torch.Tensor):
     return nullcontext() if table is None else _override(table, position_ids)
 
 
 @contextmanager
-def _override(table: torch.nn.Embedding, position_ids: torch.Tensor) -> Iterator[None]:
-    offset = int(getattr(table, "offset", 0))
-
-    def per_row(module, args, output):
+def _override(table: torch.nn.Module, position_ids: torch.Tensor) -> Iterator[None]:
+    def per_row(module, args, kwargs, output):
         if output.shape[-2] != position_ids.shape[-1]:  # the model looked up another span than we meant
             raise RuntimeError(f"position override for {output.shape[-2]} columns got {position_ids.shape[-1]}")
-        return F.embedding(position_ids + offset, module.weight)  # [B, T, D], adds onto [B, T, D] embeds
+        first = args[0] if args else kwargs.get("input_ids")  # ids, or (BART-like) ids / a shape
+        input_ids = first if isinstance(first, torch.Tensor) and first.dtype == torch.long else None
+        return _rows(module, position_ids, input_ids)  # [B, T, D], adds onto [B, T, D] embeddings
 
     # A hook for this forward only: the model object itself is left as loaded.
-    handle = table.register_forward_hook(per_row)
+    handle = table.register_forward_hook(per_row, with_kwargs=True)
     try:
         yield
     finally:

@@ -66,7 +66,8 @@ def run(coro):
     return asyncio.run(coro)
 
 
-SEQ2SEQ_FAMILIES = ("t5", "bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small")
+SEQ2SEQ_FAMILIES = ("t5", "bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small",
+                    "m2m_100")
 SEQ2SEQ_MAX_POSITIONS = 64  # BART-like tables: small, so the limit tests stay cheap
 
 

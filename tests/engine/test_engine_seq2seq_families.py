@@ -16,15 +16,16 @@ from server.engine.engine import Engine
 from server.engine.errors import InputTooLong
 from server.engine.model_loader import load_model
 from server.engine.runner_seq2seq import decoder_start_token_id
+from server.engine.seq2seq_families import _is_padding_aware, _rows
 from server.engine.types import SamplingParams
-from tests.engine.conftest import SEQ2SEQ_MAX_POSITIONS, run
+from tests.engine.conftest import SEQ2SEQ_FAMILIES, SEQ2SEQ_MAX_POSITIONS, run
 from tests.engine.test_engine_seq2seq import write_seq2seq_adapters
 
 
 def test_unknown_encoder_decoder_family_refused_at_load(tmp_path):
-    # M2M100 derives positions from pad tokens in the ids: not known to batch right, so refused by name.
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "m2m_100", "is_encoder_decoder": True}))
-    with pytest.raises(ValueError, match=r"'m2m_100' is not supported; supported: \[.*'bart'.*'t5'"):
+    # ProphetNet predicts n-grams with its own relative positions: not checked, so refused by name.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "prophetnet", "is_encoder_decoder": True}))
+    with pytest.raises(ValueError, match=r"'prophetnet' is not supported; supported: \[.*'bart'.*'t5'"):
         load_model(str(tmp_path), device="cpu")
 
 
@@ -42,6 +43,28 @@ def test_no_decoder_start_token_is_a_load_error():
     model = SimpleNamespace(generation_config=SimpleNamespace(), config=SimpleNamespace())
     with pytest.raises(ValueError, match="neither decoder_start_token_id nor bos_token_id"):
         decoder_start_token_id(model)
+
+
+@pytest.mark.parametrize("family", [f for f in SEQ2SEQ_FAMILIES if f != "t5"])
+def test_per_row_lookup_reads_what_the_model_reads_for_one_request(family, seq2seq_model_dirs):
+    """Decoding one request token by token, the model's own table lookup at past length k equals ours at
+    position k, for every position table (decoder and encoder), pad token ids included (M2M100 zeroes them)."""
+    import inspect
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(seq2seq_model_dirs(family))
+    pad = model.config.pad_token_id
+    for table in (model.get_decoder().embed_positions, model.get_encoder().embed_positions):
+        takes_shape = "input_ids_shape" in inspect.signature(table.forward).parameters
+        for k, token in enumerate([5, pad, 7, 9, pad, 11]):
+            ids = torch.tensor([[token]])
+            if _is_padding_aware(table):
+                theirs = table(ids, None, k)
+            else:
+                theirs = table(ids.shape if takes_shape else ids, k)
+            ours = _rows(table, torch.tensor([[k]]), ids)
+            assert torch.equal(ours, theirs.expand_as(ours)), (family, k, token)
 
 
 @pytest.fixture(scope="module")
