@@ -94,15 +94,16 @@ def _parse_init(body: bytes) -> TaskInit:
 
 
 def _init(runtime: Runtime, task_id: str, spec: TaskInit) -> None:
-    n = spec.num_virtual_tokens
+    """A new prompt of the served model's task type (CAUSAL_LM, or SEQ_2_SEQ_LM on an encoder-decoder)."""
+    common = {"num_virtual_tokens": spec.num_virtual_tokens, "task_type": runtime.loaded.task_type}
     if spec.init == "text":
-        runtime.store.create_text(task_id, spec.text, num_virtual_tokens=n, tokenizer=runtime.tokenizer,
-                                  word_embeddings=runtime.word_embeddings())
+        runtime.store.create_text(task_id, spec.text, tokenizer=runtime.tokenizer,
+                                  word_embeddings=runtime.word_embeddings(), **common)
     elif spec.init == "random":
-        runtime.store.create_random(task_id, num_virtual_tokens=n, seed=spec.seed)
+        runtime.store.create_random(task_id, seed=spec.seed, **common)
     else:
-        runtime.store.create_sample_vocab(task_id, num_virtual_tokens=n, word_embeddings=runtime.word_embeddings(),
-                                          seed=spec.seed)
+        runtime.store.create_sample_vocab(task_id, word_embeddings=runtime.word_embeddings(), seed=spec.seed,
+                                          **common)
 
 
 async def _upload(request: Request, runtime: Runtime, task_id: str) -> None:

@@ -1,6 +1,7 @@
 """A real uvicorn server on a tiny T5 and a tiny BART: SEQ_2_SEQ_LM adapters uploaded over HTTP give, through
 /generate, streaming and /v1/completions, what PeftModelForSeq2SeqLM.generate gives each request alone; a
-CAUSAL_LM adapter is refused with 422 naming the type that fits."""
+task made by TEXT init over HTTP is SEQ_2_SEQ_LM and gives what PEFT's TEXT init gives; a CAUSAL_LM
+adapter is refused with 422 naming the type that fits."""
 
 from __future__ import annotations
 
@@ -57,11 +58,34 @@ def test_seq2seq_server_matches_peft_and_refuses_causal_adapter(family, seq2seq_
             422)
         assert "SEQ_2_SEQ_LM" in body["error"], body
         assert_error(c.get("/v1/tasks/causal"), 404)
+        _check_text_init(c, model_dir)
         # All requests at once: the engine batches them across tasks.
         with ThreadPoolExecutor(len(REQUESTS)) as pool:
             got = list(pool.map(lambda i: _generate(c, i), range(len(REQUESTS))))
         assert got == expected
         _check_stream_and_completions(c, live.runtime.tokenizer, expected)
+
+
+def _check_text_init(c, model_dir) -> None:
+    """A task made over HTTP by TEXT init is a SEQ_2_SEQ_LM prompt and gives what PEFT's own TEXT init gives."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    init_text, n, text = "Tell the story of the river", 6, "Once upon a time"
+    r = c.put("/v1/tasks/from-text", json={"init": "text", "text": init_text, "num_virtual_tokens": n})
+    assert r.status_code == 201 and r.json()["task_type"] == "SEQ_2_SEQ_LM", r.text
+    peft = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(model_dir), PromptTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=init_text, tokenizer_name_or_path=str(model_dir))).eval()
+    ids = AutoTokenizer.from_pretrained(model_dir)(text, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        want = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             forced_eos_token_id=None)[0, 1:].tolist()
+    r = c.post("/generate", json={"task_id": "from-text", "inputs": text,
+                                  "parameters": {"max_new_tokens": 8, "details": True}})
+    assert r.status_code == 200, r.text
+    assert [t["id"] for t in r.json()["details"]["tokens"]] == want
 
 
 def _check_stream_and_completions(c, tokenizer, expected: list[list[int]]) -> None:
