@@ -110,9 +110,3 @@ def seq2seq_model_dirs(tmp_path_factory) -> Callable[[str], Path]:
         return built[family]
 
     return make
-
-
-@pytest.fixture(scope="session")
-def seq2seq_model_dir(seq2seq_model_dirs) -> Path:
-    """The tiny T5."""
-    return seq2seq_model_dirs("t5")

@@ -74,7 +74,6 @@ def bart_engine(seq2seq_model_dirs, tmp_path_factory):
     write_seq2seq_adapters(model_dir, root, {"four": 4, "nine": 9})
     loaded = load_model(str(model_dir), device="cpu")
     engine = Engine(loaded, PromptStore(root, token_dim=loaded.hidden_size), EngineConfig(max_batch_size=4))
-    engine.peft_folders = (model_dir, root)  # for the references below
     engine.start()
     yield engine
     engine.stop(grace_s=5)
@@ -133,15 +132,16 @@ def test_seeded_sampling_is_independent_of_batch_mates(bart_engine):
     assert run(_result(bart_engine, "A story", "four", other_seed)).token_ids != alone
 
 
-def test_repetition_penalty_matches_peft(bart_engine):
+def test_repetition_penalty_matches_peft(bart_engine, seq2seq_model_dirs):
     """The penalty sees the decoder's ids (start token included), as in HF generate."""
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM
 
-    model_dir, root = bart_engine.peft_folders
+    model_dir = seq2seq_model_dirs("bart")
+    store_root = bart_engine.store.root
     text, penalty = "Once upon a time there was a baker", 1.5
     base = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
-    peft = PeftModel.from_pretrained(base, root / "nine").eval()
+    peft = PeftModel.from_pretrained(base, store_root / "nine").eval()
     ids = bart_engine.tokenizer(text, return_tensors="pt")["input_ids"]
     expected = {}
     with torch.inference_mode():
