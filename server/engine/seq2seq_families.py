@@ -77,18 +77,19 @@ class PositionTables:
 
 def _table(stack: Any) -> torch.nn.Module:
     table = getattr(stack, "embed_positions", None)
-    if not (isinstance(table, torch.nn.Embedding) or _is_padding_aware(table)):
+    if not (isinstance(table, torch.nn.Embedding) or is_padding_aware(table)):
         raise ValueError(f"{type(stack).__name__} has no position table (embed_positions) to override")
     return table
 
 
-def _is_padding_aware(table: Any) -> bool:
-    # M2M100/NLLB: a sinusoidal buffer `weights` read at padding_idx + 1 + position (grown on demand)
+def is_padding_aware(table: Any) -> bool:
+    """M2M100/NLLB's kind: a sinusoidal buffer `weights` read at padding_idx + 1 + position (grown on demand)."""
     return isinstance(getattr(table, "weights", None), torch.Tensor) and isinstance(
         getattr(table, "padding_idx", None), int)
 
 
-def _rows(table: torch.nn.Module, position_ids: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+def lookup_positions(table: torch.nn.Module, position_ids: torch.Tensor,
+                     input_ids: torch.Tensor | None) -> torch.Tensor:
     """Each row's position embeddings [B, T, D], read as the model reads a single request's."""
     if isinstance(table, torch.nn.Embedding):
         return F.embedding(position_ids + int(getattr(table, "offset", 0)), table.weight)
@@ -110,7 +111,7 @@ def _override(table: torch.nn.Module, position_ids: torch.Tensor) -> Iterator[No
             raise RuntimeError(f"position override for {output.shape[-2]} columns got {position_ids.shape[-1]}")
         first = args[0] if args else kwargs.get("input_ids")  # ids, or (BART-like) ids / a shape
         input_ids = first if isinstance(first, torch.Tensor) and first.dtype == torch.long else None
-        return _rows(module, position_ids, input_ids)  # [B, T, D], adds onto [B, T, D] embeddings
+        return lookup_positions(module, position_ids, input_ids)  # [B, T, D], added to [B, T, D] embeddings
 
     # A hook for this forward only: the model object itself is left as loaded.
     handle = table.register_forward_hook(per_row, with_kwargs=True)

@@ -16,7 +16,7 @@ from server.engine.engine import Engine
 from server.engine.errors import InputTooLong
 from server.engine.model_loader import load_model
 from server.engine.runner_seq2seq import decoder_start_token_id
-from server.engine.seq2seq_families import _is_padding_aware, _rows
+from server.engine.seq2seq_families import is_padding_aware, lookup_positions
 from server.engine.types import SamplingParams
 from tests.engine.conftest import SEQ2SEQ_FAMILIES, SEQ2SEQ_MAX_POSITIONS, run
 from tests.engine.test_engine_seq2seq import write_seq2seq_adapters
@@ -59,11 +59,11 @@ def test_per_row_lookup_reads_what_the_model_reads_for_one_request(family, seq2s
         takes_shape = "input_ids_shape" in inspect.signature(table.forward).parameters
         for k, token in enumerate([5, pad, 7, 9, pad, 11]):
             ids = torch.tensor([[token]])
-            if _is_padding_aware(table):
+            if is_padding_aware(table):
                 theirs = table(ids, None, k)
             else:
                 theirs = table(ids.shape if takes_shape else ids, k)
-            ours = _rows(table, torch.tensor([[k]]), ids)
+            ours = lookup_positions(table, torch.tensor([[k]]), ids)
             assert torch.equal(ours, theirs.expand_as(ours)), (family, k, token)
 
 
