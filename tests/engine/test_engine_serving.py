@@ -3,6 +3,8 @@ typed errors at submit, shutdown; every pinned prompt is released whatever the e
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from prompt_store.errors import InvalidTaskId, TaskNotFound
@@ -149,6 +151,38 @@ def test_cancel_removes_request_at_next_step(make_engine):
     result, other = run(go())
     assert result.finish_reason == FINISH_CANCELLED and result.generated_tokens < 200
     assert other.generated_tokens == 30  # its batch mate carried on
+
+
+def test_cancelled_request_leaves_the_batch_at_the_very_next_step(make_engine):
+    """Cancel asked while step s emits token k: step s+1 drops the row before its forward, so no logits
+    for token k+1 are ever computed for it, while its batch mate keeps decoding."""
+    engine = make_engine()
+    cancel_at = 5
+    streams: dict[str, object] = {}
+    seen: dict[str, list[int]] = {"doomed": [], "mate": []}
+
+    submitted = threading.Event()
+
+    def tap(request_id: str, index: int, logits) -> None:  # runs on the worker thread, inside a step
+        seen[request_id].append(index)
+        if request_id == "doomed" and index == cancel_at:
+            assert submitted.wait(10)  # the test holds the stream by now
+            streams["doomed"].cancel()
+
+    engine.logits_tap = tap
+
+    async def go():
+        streams["mate"] = await engine.submit("The bread", task_id="t2", request_id="mate", params=greedy(20))
+        streams["doomed"] = await engine.submit("The river", task_id="t1", request_id="doomed",
+                                                params=greedy(200))
+        submitted.set()
+        return await streams["doomed"].result(), await streams["mate"].result()
+
+    doomed, mate = run(go())
+    assert doomed.finish_reason == FINISH_CANCELLED
+    assert seen["doomed"] == list(range(cancel_at + 1))  # no forward after the step that asked
+    assert doomed.generated_tokens == cancel_at + 1
+    assert mate.generated_tokens == 20 and seen["mate"][-1] == 19
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
