@@ -128,7 +128,7 @@ class Engine:
                                num_prompt_tokens=len(ids), num_virtual_tokens=num_virtual)
         seq = Sequence(request_id=request_id, task_id=task_id, prompt=prompt, prompt_ids=ids, params=params,
                        seed=seed, eos_token_ids=self.loaded.eos_token_ids, tokenizer=self.loaded.tokenizer,
-                       sink=stream)
+                       sink=stream, continues_prompt=not self.loaded.is_encoder_decoder)
         stream._cancel = lambda: self._cancel(seq)
         with self._accept_lock:
             self._check_accepting()

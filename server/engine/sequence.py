@@ -55,6 +55,9 @@ class Sequence:
     eos_token_ids: frozenset[int]
     tokenizer: Any
     sink: Sink
+    # Causal LMs continue the prompt's text, so its last tokens decode with the output (word-initial
+    # spaces); an encoder-decoder's output starts a fresh text, decoded alone as HF's decode does.
+    continues_prompt: bool = True
     status: Status = Status.WAITING
     generated: list[int] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)
@@ -66,7 +69,7 @@ class Sequence:
     first_token_at: float | None = None
 
     def __post_init__(self) -> None:
-        self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids)
+        self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids if self.continues_prompt else [])
         self._stops = StopMatcher(self.params.stop)
 
     @property

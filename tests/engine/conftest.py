@@ -110,3 +110,19 @@ def seq2seq_model_dirs(tmp_path_factory) -> Callable[[str], Path]:
         return built[family]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer():
+    """A Unigram tokenizer with SentencePiece's Metaspace ('▁' marks a word start), as T5, mBART, Marian,
+    Pegasus and NLLB use: unlike byte-level BPE, a decode drops the space of the first word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    tok.train_from_iterator(demo_corpus().splitlines(), trainer=trainers.UnigramTrainer(
+        vocab_size=400, special_tokens=list(special.values()), unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)

@@ -164,3 +164,41 @@ def test_stop_sequence_ends_the_text(bart_engine):
     got = run(_result(bart_engine, text, "nine", SamplingParams(max_new_tokens=16, stop=(stop,))))
     assert got.finish_reason == "stop_sequence"
     assert got.text == full.text[:full.text.index(stop)]
+
+
+def test_seq2seq_text_is_hf_decode_of_its_tokens(sentencepiece_tokenizer, tmp_path):
+    """With a SentencePiece-style tokenizer (T5's kind), the text of an encoder-decoder's output (final
+    and streamed) is `tokenizer.decode(tokens)`: no space before the first word, although the input's
+    tokens would give one if the output were decoded as their continuation."""
+    import transformers as tf
+
+    from server.demo import model_config
+
+    tok = sentencepiece_tokenizer
+    torch.manual_seed(0)
+    config = model_config("t5", tok, hidden_size=64, num_layers=2, num_heads=4)
+    config.initializer_factor = 8.0
+    tf.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    loaded = load_model(str(tmp_path / "model"), device="cpu")
+    engine = Engine(loaded, PromptStore(tmp_path / "store", token_dim=loaded.hidden_size), EngineConfig())
+    texts = ["The river", "Once upon a time", "A baker", "Bread and milk", "Hello", "The long road home"]
+
+    async def go():
+        results = []
+        for text in texts:
+            params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+            stream = await engine.submit(text, task_id=None, params=params)
+            streamed = "".join([event.text async for event in stream])
+            results.append((streamed, await stream.result()))
+        return results
+
+    engine.start()
+    try:
+        results = run(go())
+    finally:
+        engine.stop(grace_s=5)
+    starts = [tok.convert_ids_to_tokens(r.token_ids[0]) for _, r in results]
+    assert any(s.startswith("▁") and len(s) > 1 for s in starts), starts  # a word start comes first
+    for streamed, result in results:
+        assert streamed == result.text == tok.decode(result.token_ids, skip_special_tokens=True)

@@ -1,5 +1,6 @@
 """Incremental detokenization (multi-byte characters never split), stop sequences across token
-boundaries, and finish reasons, on the demo byte-level BPE tokenizer."""
+boundaries, and finish reasons, on the demo byte-level BPE tokenizer; word-initial spaces on a
+SentencePiece-style tokenizer, for output that continues the prompt and output that starts afresh."""
 
 from __future__ import annotations
 
@@ -92,3 +93,19 @@ def test_eos_and_length_finish_reasons(tokenizer):
     result = seq.result()
     assert result.finish_reason == FINISH_LENGTH and result.generated_tokens == 3
     assert streamed == result.text  # held-back bytes are flushed with the last token
+
+
+@pytest.mark.parametrize(("continues_prompt", "text"), [(True, " Hello world"), (False, "Hello world")])
+def test_first_word_space_depends_on_whether_output_continues_the_prompt(sentencepiece_tokenizer,
+                                                                           continues_prompt, text):
+    """A causal LM's output continues the prompt ("The river" + " Hello"); an encoder-decoder's starts a
+    fresh text, which HF decodes without a leading space."""
+    tok = sentencepiece_tokenizer
+    ids = tok("Hello world", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids[0]).startswith("▁")
+    seq = Sequence(request_id="r", task_id=None, prompt=None, prompt_ids=tok("The river")["input_ids"],
+                   params=SamplingParams(max_new_tokens=len(ids)), seed=None, eos_token_ids=frozenset(),
+                   tokenizer=tok, sink=None, continues_prompt=continues_prompt)
+    assert _feed(seq, ids) == seq.result().text == text
+    if not continues_prompt:
+        assert text == tok.decode(ids, skip_special_tokens=True)
