@@ -214,9 +214,9 @@ def interleaved_rounds(runs: dict, repeats: int) -> list[dict[str, Rate]]:
     return rounds
 
 
-def report(rounds: list[dict[str, Rate]]) -> None:
+def report(rounds: list[dict[str, Rate]], num_requests: int) -> None:
     """Median tokens/s of each measurement and the median of the per-round ratios, both clocks."""
-    labels = {"a": "engine, 16 tasks", "b": "engine, 1 task", "c": "HF generate batch (ceiling)",
+    labels = {"a": f"engine, {num_requests} tasks", "b": "engine, 1 task", "c": "HF generate batch (ceiling)",
               "d": "PEFT generate one at a time"}
     for key in rounds[0]:
         wall = statistics.median(r[key].wall for r in rounds)
@@ -249,7 +249,7 @@ def main() -> None:
             "c": lambda: run_hf_batch(setup)}
     if not args.skip_d:
         runs["d"] = lambda: run_peft_sequential(setup, args.d_requests)
-    report(interleaved_rounds(runs, args.repeats))
+    report(interleaved_rounds(runs, args.repeats), args.requests)
 
 
 if __name__ == "__main__":
