@@ -1,6 +1,7 @@
-"""Encoder-decoder families: which load, how their start token is chosen, their position-table limits
-(encoder input and decoder output each up to max_position_embeddings, refused before they can fail a
-step), and sampling, repetition penalty and stop sequences on a BART model as for causal LMs."""
+"""Encoder-decoder families: which load, how their start token is chosen, each family's per-row position
+lookup against the model's own, their position-table limits (encoder input and decoder output each up
+to max_position_embeddings, refused before they can fail a step), sampling, repetition penalty and stop
+sequences on a BART model as for causal LMs, and output text decoded as HF decodes it."""
 
 from __future__ import annotations
 
