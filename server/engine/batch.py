@@ -27,10 +27,8 @@ class ForwardInputs:
     inputs_embeds: torch.Tensor | None = None  # [B, T, D]
 
 
-def prefill_inputs(seqs: list[Sequence], embed: Callable[[torch.Tensor], torch.Tensor],
-                   bare_text_scale: float = 1.0) -> ForwardInputs:
-    """Left-padded `[pads][P_i][E(ids_i)]` rows for the newcomers of one step; rows without a task get
-    `E(ids) * bare_text_scale` (see seq2seq_families.bare_text_scale)."""
+def prefill_inputs(seqs: list[Sequence], embed: Callable[[torch.Tensor], torch.Tensor]) -> ForwardInputs:
+    """Left-padded `[pads][P_i][E(ids_i)]` rows for the newcomers of one step."""
     weight = embed.weight  # type: ignore[attr-defined]
     device, dtype = weight.device, weight.dtype
     lengths = [s.num_virtual_tokens + len(s.prompt_ids) for s in seqs]
@@ -46,7 +44,7 @@ def prefill_inputs(seqs: list[Sequence], embed: Callable[[torch.Tensor], torch.T
         if num_virtual:
             # The prompt is not pre-scaled: models that scale embeddings do it inside forward (PEFT semantics).
             embeds[row, start:start + num_virtual] = seq.prompt.embeddings.to(device=device, dtype=dtype)
-        embeds[row, start + num_virtual:] = text if num_virtual else text * bare_text_scale
+        embeds[row, start + num_virtual:] = text
         mask[row, start:] = 1
         positions[row, start:] = torch.arange(length, device=device)
     return ForwardInputs(attention_mask=mask, position_ids=positions, inputs_embeds=embeds)

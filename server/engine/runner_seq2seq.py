@@ -38,7 +38,11 @@ class Seq2SeqRunner:
     def prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor]:
         """One encoder pass over the newcomers, then their first decoder step (from the start token)."""
         self.faults.check(PREFILL, [s.request_id for s in seqs])
-        inputs = prefill_inputs(seqs, self.model.get_input_embeddings(), self.bare_text_scale)
+        inputs = prefill_inputs(seqs, self.model.get_input_embeddings())
+        if self.bare_text_scale != 1.0:  # a row without a task is all text (and zero pads): scale it whole
+            for row, seq in enumerate(seqs):
+                if seq.prompt is None:
+                    inputs.inputs_embeds[row] *= self.bare_text_scale
         with torch.inference_mode(), self.positions.encoder(inputs.position_ids):
             hidden = self.model.get_encoder()(inputs_embeds=inputs.inputs_embeds,
                                               attention_mask=inputs.attention_mask).last_hidden_state
