@@ -71,7 +71,8 @@ SEQ2SEQ_FAMILIES = ("t5", "bart", "mbart", "plbart", "pegasus", "marian", "blend
 SEQ2SEQ_MAX_POSITIONS = 64  # BART-like tables: small, so the limit tests stay cheap
 
 
-def _seq2seq_config(family: str, tokenizer):
+def seq2seq_config(family: str, tokenizer):
+    """The tiny test config of an encoder-decoder family: varied, peaked greedy choices."""
     config = model_config(family, tokenizer, hidden_size=64, num_layers=2, num_heads=4,
                           max_positions=SEQ2SEQ_MAX_POSITIONS)
     if family == "t5":
@@ -101,7 +102,7 @@ def seq2seq_model_dirs(tmp_path_factory) -> Callable[[str], Path]:
             folder = tmp_path_factory.mktemp(f"engine-{family}")
             tokenizer = train_tokenizer(demo_corpus(), vocab_size=512)
             torch.manual_seed(0)
-            model = tf.AutoModelForSeq2SeqLM.from_config(_seq2seq_config(family, tokenizer))
+            model = tf.AutoModelForSeq2SeqLM.from_config(seq2seq_config(family, tokenizer))
             if family == "bart":
                 model.generation_config.forced_bos_token_id = tokenizer.bos_token_id
             model.save_pretrained(folder)

@@ -19,7 +19,7 @@ from server.engine.model_loader import load_model
 from server.engine.runner_seq2seq import decoder_start_token_id
 from server.engine.seq2seq_families import is_padding_aware, lookup_positions
 from server.engine.types import SamplingParams
-from tests.engine.conftest import SEQ2SEQ_FAMILIES, SEQ2SEQ_MAX_POSITIONS, run
+from tests.engine.conftest import SEQ2SEQ_FAMILIES, SEQ2SEQ_MAX_POSITIONS, run, seq2seq_config
 from tests.engine.test_engine_seq2seq import write_seq2seq_adapters
 
 
@@ -173,13 +173,9 @@ def test_seq2seq_text_is_hf_decode_of_its_tokens(sentencepiece_tokenizer, tmp_pa
     tokens would give one if the output were decoded as their continuation."""
     import transformers as tf
 
-    from server.demo import model_config
-
     tok = sentencepiece_tokenizer
     torch.manual_seed(0)
-    config = model_config("t5", tok, hidden_size=64, num_layers=2, num_heads=4)
-    config.initializer_factor = 8.0
-    tf.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path / "model")
+    tf.AutoModelForSeq2SeqLM.from_config(seq2seq_config("t5", tok)).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     loaded = load_model(str(tmp_path / "model"), device="cpu")
     engine = Engine(loaded, PromptStore(tmp_path / "store", token_dim=loaded.hidden_size), EngineConfig())
