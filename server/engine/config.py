@@ -14,13 +14,24 @@ class EngineConfig:
     max_input_tokens: int = 1024  # text tokens of one request (virtual tokens not counted)
     max_new_tokens: int = 512  # upper bound of SamplingParams.max_new_tokens
     max_total_tokens: int = 2048  # virtual + input + new tokens of one request (capped by the model)
-    max_prefill_tokens: int = 4096  # padded tokens (rows x longest row) in one prefill step
+    max_prefill_tokens: int = 4096  # legacy path: padded tokens (rows x longest row) in one prefill step
+    # Slot engine (causal models): prompt tokens computed in one step; longer prompts continue next step.
+    prefill_chunk_tokens: int = 256
+    # KV memory: bytes (> 1), or a fraction of the device's free memory (0 < x <= 1); None: enough for
+    # max_batch_size full contexts, within half the free memory.
+    kv_cache_memory: float | None = None
+    prefix_cache_bytes: int = 256 << 20  # tasks' virtual-token KV kept for reuse; 0 disables it
+    use_slots: bool = True  # False: every model takes the legacy path (debugging, comparisons)
     max_stop_sequences: int = 8
     max_stop_length: int = 256  # characters in one stop sequence
     idle_wait_s: float = 0.5  # how long the worker sleeps when idle before checking again
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_input_tokens", "max_new_tokens",
-                     "max_total_tokens", "max_prefill_tokens"):
+                     "max_total_tokens", "max_prefill_tokens", "prefill_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError("EngineConfig.kv_cache_memory must be > 0 (bytes, or a fraction <= 1)")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError("EngineConfig.prefix_cache_bytes must be >= 0")

@@ -17,15 +17,20 @@ from server.engine import validation
 from server.engine.config import EngineConfig
 from server.engine.errors import EngineStopped, QueueFull
 from server.engine.faults import FaultInjector
+from server.engine.kv_budget import size_pool
+from server.engine.kv_pool import KVPool
 from server.engine.model_loader import LoadedModel
 from server.engine.outbox import Outbox
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.runner_seq2seq import Seq2SeqRunner
+from server.engine.runner_slots import open_slot_runner
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.stream import RequestStream
 from server.engine.types import EngineStats, SamplingParams
 from server.engine.worker import LogitsTap, Worker
+from server.engine.worker_slots import SlotWorker
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +45,36 @@ class Engine:
         self.fault_injector = FaultInjector()
         self._scheduler = Scheduler(self.config)
         self._outbox = Outbox()
-        runner_type = Seq2SeqRunner if loaded_model.is_encoder_decoder else ModelRunner
-        self._worker = Worker(runner_type(loaded_model.model, self.fault_injector), self._scheduler,
-                              release=store.release if store is not None else (lambda prompt: None),
-                              flush=self._outbox.flush)
+        self.prefixes = PrefixCache(self.config.prefix_cache_bytes)
+        self.pool: KVPool | None = None  # the slot engine's KV memory (None on the legacy path)
+        self._worker = self._make_worker(store.release if store is not None else (lambda prompt: None))
         self._wake = threading.Condition()
         self._accept_lock = threading.Lock()  # is_accepting flips and queue additions do not interleave
         self._is_accepting = False
         self._stop_now = False
         self._thread: threading.Thread | None = None
+
+    def _make_worker(self, release) -> Worker | SlotWorker:
+        """The slot engine when the model can run on it, else the legacy path (see runner_slots)."""
+        model, config = self.loaded.model, self.config
+        runner = None
+        if config.use_slots and not self.loaded.is_encoder_decoder:
+            runner = open_slot_runner(model, self.fault_injector)
+        if runner is None:
+            runner_type = Seq2SeqRunner if self.loaded.is_encoder_decoder else ModelRunner
+            return Worker(runner_type(model, self.fault_injector), self._scheduler, release, self._outbox.flush)
+        max_context = config.max_total_tokens
+        if self.loaded.max_positions is not None:
+            max_context = min(max_context, self.loaded.max_positions)
+        size = size_pool(runner.geometry, config.max_batch_size, max_context, config.kv_cache_memory)
+        self.pool = KVPool(runner.geometry, size.num_slots, size.slot_tokens)
+        log.info("KV pool: %d slots x %d tokens = %.1f MiB", size.num_slots, size.slot_tokens,
+                 self.pool.num_bytes / 2**20)
+        return SlotWorker(runner, self._scheduler, self.pool, self.prefixes, config, release, self._outbox.flush)
+
+    def forget_task(self, task_id: str) -> None:
+        """A task was deleted or replaced: drop its cached virtual-token KV."""
+        self.prefixes.forget(task_id)
 
     @property
     def tokenizer(self) -> Any:
@@ -90,7 +116,7 @@ class Engine:
             self._thread = None
         for seq in self._scheduler.drain():
             self._worker.fail(seq, EngineStopped("the engine stopped before this request finished"))
-        self._worker.batch = None
+        self._worker.reset()
         self._outbox.flush()
 
     async def aclose(self, grace_s: float = 30.0) -> None:
@@ -122,7 +148,8 @@ class Engine:
             validation.check_prompt(prompt, self.loaded.hidden_size, self.loaded.task_type)
             num_virtual = prompt.num_virtual_tokens
         validation.check_context(num_virtual, len(ids), params.max_new_tokens, self.config,
-                                 self.loaded.max_positions, self.loaded.is_encoder_decoder)
+                                 self.loaded.max_positions, self.loaded.is_encoder_decoder,
+                                 None if self.pool is None else self.pool.slot_tokens)
         seed = params.seed if params.seed is not None or not params.do_sample else secrets.randbits(63)
         stream = RequestStream(request_id, asyncio.get_running_loop(), self._outbox,
                                num_prompt_tokens=len(ids), num_virtual_tokens=num_virtual)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull
@@ -57,6 +58,22 @@ class Scheduler:
                     break
                 admitted.append(self._waiting.popleft())
                 longest = longest_if
+        for seq in admitted:
+            seq.status = Status.RUNNING
+        self._running.extend(admitted)
+        return admitted
+
+    def admit_slots(self, num_free: int, is_ready: Callable[[Sequence], bool]) -> list[Sequence]:
+        """Slot engine: move up to `num_free` waiting requests to running, in arrival order, passing over
+        those `is_ready` defers (they keep their place). `is_ready` is asked only of a request that will
+        be admitted if it says yes. Chunked prefill bounds the step, so no prefill budget applies here."""
+        admitted: list[Sequence] = []
+        with self._lock:
+            kept: deque[Sequence] = deque()
+            while self._waiting and len(admitted) < min(num_free, self._config.max_batch_size - len(self._running)):
+                seq = self._waiting.popleft()
+                (admitted if is_ready(seq) else kept).append(seq)
+            self._waiting.extendleft(reversed(kept))
         for seq in admitted:
             seq.status = Status.RUNNING
         self._running.extend(admitted)

@@ -64,6 +64,8 @@ class Sequence:
     finish_reason: str | None = None
     is_cancel_requested: bool = False  # set from any thread; read by the worker at each step
     is_prompt_released: bool = False  # the store's pin was given back (exactly once)
+    slot: int | None = None  # slot engine: the KV slot the request owns while running
+    num_cached: int = 0  # slot engine: context positions whose keys and values are in the slot
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None

@@ -1,0 +1,123 @@
+"""Attention glue: plugs the engine's KV pool into stock transformers models, with no copied model code.
+
+The model is switched to the attention implementation registered here (`AttentionInterface.register`).
+The runner calls it on a packed step, `[1, N]` tokens of several requests, without a transformers cache
+and with a `StepPlan` as an extra forward keyword, which transformers hands down to every attention
+call. For each layer the function writes the step's new keys and values into the pool, then attends:
+all decoding rows at once over the pool's own memory (a view, no copy), and each prefill chunk over its
+slot's first columns. Called without a plan, it is plain SDPA, so the model still works as loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from server.engine.kv_pool import KVPool
+
+IMPLEMENTATION = "promptserve_slots"
+PLAN_KWARG = "promptserve_plan"
+# Attention variants this glue does not compute: a model passing any of them stays on the legacy path.
+_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
+
+
+@dataclass
+class DecodeGroup:
+    """Every row that feeds one token this step, attended together over slots 0..num_view_slots-1."""
+
+    token_index: torch.Tensor  # [Bd] positions in the packed step
+    slots: torch.Tensor  # [Bd]
+    num_view_slots: int
+    mask: torch.Tensor  # [num_view_slots, 1, 1, width] bool: True where a row may attend
+    is_dense: bool  # slots == 0..Bd-1 in token order: no scatter of the queries needed
+
+
+@dataclass
+class PrefillChunk:
+    """One request's run of consecutive context positions [start, start + num_tokens)."""
+
+    token_start: int  # where its tokens sit in the packed step
+    num_tokens: int
+    slot: int
+    start: int  # context position of its first token
+    mask: torch.Tensor | None  # [T, start + T] bool, None when start == 0 (plain causal)
+
+
+@dataclass
+class StepPlan:
+    """Where a packed step's tokens go in the pool, and who attends to what."""
+
+    pool: KVPool
+    write_slots: torch.Tensor  # [N]
+    write_positions: torch.Tensor  # [N]
+    decode: DecodeGroup | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+class GeometryProbe:
+    """Passed instead of a plan: records each layer's key shape, so that the pool fits any family."""
+
+    def __init__(self) -> None:
+        self.key_shapes: dict[int, tuple[int, int]] = {}  # layer -> (kv_heads, head_dim)
+        self.dtype: torch.dtype | None = None
+
+    def record(self, layer: int | None, key: torch.Tensor) -> None:
+        """Called by the attention function of every layer."""
+        if layer is None:
+            raise NotImplementedError("an attention module without layer_idx")
+        self.key_shapes[int(layer)] = (int(key.shape[1]), int(key.shape[3]))
+        self.dtype = key.dtype
+
+
+def install(model) -> None:
+    """Register the implementation (idempotent) and switch `model` to it."""
+    AttentionInterface.register(IMPLEMENTATION, slot_attention)
+    # The model's own mask is never used: the plan carries each row's, so building it is skipped.
+    AttentionMaskInterface.register(IMPLEMENTATION, lambda *args, **kwargs: None)
+    model.set_attn_implementation(IMPLEMENTATION)
+
+
+def slot_attention(module, query, key, value, attention_mask, **kwargs):
+    """query `[1, H, N, d]`, key/value `[1, KVH, N, d]` -> output `[1, N, H, d]`, no weights."""
+    plan = kwargs.pop(PLAN_KWARG, None)
+    if isinstance(plan, GeometryProbe):
+        plan.record(module.layer_idx, key)
+        plan = None
+    if plan is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"slot attention does not support {name}")
+    layer = module.layer_idx
+    plan.pool.write(layer, plan.write_slots, plan.write_positions, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    options = {"scale": kwargs.get("scaling"), "enable_gqa": query.shape[1] != key.shape[1]}
+    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, H, d]
+    q = query[0]  # [H, N, d]
+    if plan.decode is not None:
+        out[plan.decode.token_index] = _decode(plan, layer, q, options)
+    for chunk in plan.prefills:
+        rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+        keys, values = plan.pool.view(layer, chunk.slot, 1, chunk.start + chunk.num_tokens)
+        attended = F.scaled_dot_product_attention(q[None, :, rows], keys, values, attn_mask=chunk.mask,
+                                                  is_causal=chunk.mask is None, **options)  # [1, H, T, d]
+        out[rows] = attended[0].transpose(0, 1)
+    return out[None], None
+
+
+def _decode(plan: StepPlan, layer: int, q: torch.Tensor, options: dict) -> torch.Tensor:
+    """Attention of every decoding row: `[Bd, H, d]`."""
+    group = plan.decode
+    queries = q[:, group.token_index].transpose(0, 1)  # [Bd, H, d]
+    if not group.is_dense:  # rows that do not decode this step get a dummy query, dropped afterwards
+        full = queries.new_zeros(group.num_view_slots, *queries.shape[1:])
+        full[group.slots] = queries
+        queries = full
+    keys, values = plan.pool.view(layer, 0, group.num_view_slots, group.mask.shape[-1])
+    attended = F.scaled_dot_product_attention(queries[:, :, None], keys, values, attn_mask=group.mask, **options)
+    attended = attended[:, :, 0]  # [num_view_slots, H, d]
+    return attended if group.is_dense else attended[group.slots]

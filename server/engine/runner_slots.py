@@ -1,0 +1,139 @@
+"""SlotRunner: the only code that calls a causal model on the slot engine's packed steps.
+
+`open_slot_runner` decides whether a model can run this way: its attention must go through transformers'
+AttentionInterface, every layer must reach the glue (layer index, key shape), it must take position ids,
+and a probe step (two requests, one prefilled in two chunks, then a decode) must give the logits of the
+model's own forward. Anything else (ALiBi models such as BLOOM, sliding windows, logit soft-capping)
+returns None and the engine keeps the legacy path for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+
+from server.engine import attention, step_plan
+from server.engine.faults import DECODE, PREFILL, FaultInjector
+from server.engine.kv_pool import KVGeometry, KVPool
+from server.engine.sequence import Sequence
+from server.engine.step_plan import Chunk
+
+log = logging.getLogger(__name__)
+
+
+class SlotRunner:
+    """Runs packed steps over the KV pool; returns float32 logits of each sampling chunk, in order."""
+
+    def __init__(self, model: Any, faults: FaultInjector, geometry: KVGeometry):
+        self.model = model
+        self.faults = faults
+        self.geometry = geometry
+        self.pool: KVPool | None = None
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def attach(self, pool: KVPool) -> None:
+        """The pool the steps write into (allocated once by the engine)."""
+        self.pool = pool
+
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """One forward over `chunks` (in `step_plan.order`); logits `[num_sampling, V]`."""
+        self.faults.check(PREFILL, [c.seq.request_id for c in chunks if not c.is_decode])
+        self.faults.check(DECODE, [c.seq.request_id for c in chunks if c.is_decode])
+        inputs = step_plan.build(chunks, self.model.get_input_embeddings(), self.pool)
+        kwargs: dict[str, Any] = {"inputs_embeds": inputs.inputs_embeds, "position_ids": inputs.position_ids,
+                                  "use_cache": False, attention.PLAN_KWARG: inputs.plan}
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = inputs.sample_index
+        with torch.inference_mode():
+            logits = self.model(**kwargs).logits[0]
+        if not self._takes_logits_to_keep:
+            logits = logits[inputs.sample_index]
+        return logits.float()
+
+    def penalty_history(self, seq: Sequence) -> list[int]:
+        """Tokens the repetition penalty sees: prompt and generated tokens, as in HF generate."""
+        return seq.prompt_ids + seq.generated
+
+
+def open_slot_runner(model: Any, faults: FaultInjector) -> SlotRunner | None:
+    """A SlotRunner for `model`, or None (with the reason logged) when it must keep the legacy path."""
+    reason = _static_reason(model)
+    if reason is None:
+        try:
+            attention.install(model)
+            geometry = _discover_geometry(model)
+            runner = SlotRunner(model, faults, geometry)
+            reason = _probe(runner)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not this path
+            reason = f"probe failed: {exc!r}"
+    if reason is not None:
+        if getattr(model.config, "_attn_implementation", None) == attention.IMPLEMENTATION:
+            model.set_attn_implementation("sdpa")
+        log.warning("engine: legacy path (%s)", reason)
+        return None
+    return runner
+
+
+def _static_reason(model: Any) -> str | None:
+    config = model.config.get_text_config(decoder=True)
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not use transformers' AttentionInterface"
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return "the model takes no position ids"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        return "layers other than full attention"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping"
+    return None
+
+
+def _discover_geometry(model: Any) -> KVGeometry:
+    probe = attention.GeometryProbe()
+    weight = model.get_input_embeddings().weight
+    with torch.inference_mode():
+        model(inputs_embeds=weight[:1][None], position_ids=torch.zeros(1, 1, dtype=torch.long, device=weight.device),
+              use_cache=False, **{attention.PLAN_KWARG: probe})
+    shapes = set(probe.key_shapes.values())
+    if not probe.key_shapes or len(shapes) != 1 or sorted(probe.key_shapes) != list(range(len(probe.key_shapes))):
+        raise NotImplementedError(f"layers' keys differ or did not reach the glue: {probe.key_shapes}")
+    ((num_kv_heads, head_dim),) = shapes
+    return KVGeometry(len(probe.key_shapes), num_kv_heads, head_dim, probe.dtype, weight.device)
+
+
+class _ProbeSeq:
+    """A stand-in request for the probe: token ids only, no prompt."""
+
+    def __init__(self, ids: list[int], slot: int):
+        self.request_id, self.prompt, self.num_virtual_tokens = f"probe-{slot}", None, 0
+        self.prompt_ids, self.generated, self.slot = ids, [], slot
+
+    @property
+    def num_context_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+
+def _probe(runner: SlotRunner) -> str | None:
+    """Two requests through a chunked prefill and a decode step, against the model's own forward."""
+    runner.attach(KVPool(runner.geometry, num_slots=2, slot_tokens=16))
+    vocab = runner.model.get_input_embeddings().weight.shape[0]
+    a, b = _ProbeSeq([i % vocab for i in (5, 9, 2, 7, 1, 3)], 0), _ProbeSeq([i % vocab for i in (4, 8, 6)], 1)
+    runner.forward([Chunk(a, 0, 4), Chunk(b, 0, 3)])
+    got = runner.forward([Chunk(a, 4, 2)])[0]
+    b.generated = [int(got.argmax()) % vocab]
+    got_b = runner.forward([Chunk(b, 3, 1)])[0]
+    for seq, logits in ((a, got), (b, got_b)):
+        ids = torch.tensor([seq.prompt_ids + seq.generated], device=runner.geometry.device)
+        with torch.inference_mode():
+            want = runner.model(input_ids=ids, use_cache=False).logits[0, -1].float()
+        error = float((logits - want).abs().max() / want.abs().max().clamp_min(1e-6))
+        if not error < 1e-2:
+            return f"probe logits differ from the model's own forward (relative {error:.2e})"
+    runner.pool = None
+    return None

@@ -1,0 +1,136 @@
+"""One packed step of the slot engine: which context positions of which requests are computed, as model
+inputs (`inputs_embeds [1, N, D]`, `position_ids [1, N]`) and as the attention glue's StepPlan.
+
+A request's context is `[P][E(prompt_ids)][E(generated)]`, position 0 at its first virtual token (what
+PEFT computes for it alone). A chunk is a run of its positions not yet in its slot: a decode step feeds the
+last generated token; a prefill chunk feeds the next part of the prompt (chunked prefill).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.attention import DecodeGroup, PrefillChunk, StepPlan
+from server.engine.kv_pool import KVPool
+from server.engine.sequence import Sequence
+
+
+@dataclass
+class Chunk:
+    """Positions [start, start + num_tokens) of one request, computed this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def end(self) -> int:
+        """One past its last position."""
+        return self.start + self.num_tokens
+
+    @property
+    def is_sampling(self) -> bool:
+        """Whether it reaches the end of the context known so far: its last logits pick the next token."""
+        return self.end == self.seq.num_context_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """A decode chunk: the one generated token not yet in the cache."""
+        return bool(self.seq.generated) and self.num_tokens == 1 and self.is_sampling
+
+
+@dataclass
+class StepInputs:
+    """The forward's inputs and where each sampled row's logits are."""
+
+    inputs_embeds: torch.Tensor  # [1, N, D]
+    position_ids: torch.Tensor  # [1, N]
+    plan: StepPlan
+    sample_index: torch.Tensor  # [S] packed positions whose logits are sampled (chunk order)
+
+
+def order(chunks: list[Chunk]) -> list[Chunk]:
+    """Decode chunks first by slot (so that their queries are usually dense), then prefill chunks."""
+    decodes = sorted((c for c in chunks if c.is_decode), key=lambda c: c.seq.slot)
+    return decodes + [c for c in chunks if not c.is_decode]
+
+
+def build(chunks: list[Chunk], embed: torch.nn.Module, pool: KVPool) -> StepInputs:
+    """Inputs for `chunks`, which must already be in `order`."""
+    device = embed.weight.device
+    slots, positions, sample_index = [], [], []
+    for chunk in chunks:
+        slots += [chunk.seq.slot] * chunk.num_tokens
+        positions += range(chunk.start, chunk.end)
+        if chunk.is_sampling:
+            sample_index.append(len(positions) - 1)
+    plan = StepPlan(pool, _long(slots, device), _long(positions, device))
+    decodes = [c for c in chunks if c.is_decode]
+    if decodes:
+        plan.decode = _decode_group(decodes, device)
+    offset = len(decodes)
+    for chunk in chunks[len(decodes):]:
+        plan.prefills.append(PrefillChunk(offset, chunk.num_tokens, chunk.seq.slot, chunk.start,
+                                          _offset_causal_mask(chunk, device)))
+        offset += chunk.num_tokens
+    return StepInputs(_embeddings(chunks, embed), plan.write_positions[None], plan, _long(sample_index, device))
+
+
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _decode_group(decodes: list[Chunk], device: torch.device) -> DecodeGroup:
+    slots = [c.seq.slot for c in decodes]
+    num_view = max(slots) + 1
+    lengths = [1] * num_view  # rows not decoding see one (finite, ignored) column: no all-masked row
+    for chunk in decodes:
+        lengths[chunk.seq.slot] = chunk.end
+    width = max(lengths)
+    mask = torch.arange(width, device=device)[None, :] < _long(lengths, device)[:, None]  # [view, width]
+    return DecodeGroup(_long(list(range(len(decodes))), device), _long(slots, device), num_view,
+                       mask[:, None, None, :], is_dense=slots == list(range(len(slots))))
+
+
+def _offset_causal_mask(chunk: Chunk, device: torch.device) -> torch.Tensor | None:
+    if chunk.start == 0:
+        return None
+    rows = torch.arange(chunk.num_tokens, device=device)[:, None] + chunk.start
+    return torch.arange(chunk.end, device=device)[None, :] <= rows  # [T, start + T]
+
+
+def _embeddings(chunks: list[Chunk], embed: torch.nn.Module) -> torch.Tensor:
+    """`[1, N, D]`: virtual rows from each task's prompt, token rows from one embedding lookup."""
+    weight = embed.weight
+    ids: list[int] = []
+    for chunk in chunks:
+        ids += _token_ids(chunk)
+    token_rows = iter(embed(_long(ids, weight.device)).split(_token_counts(chunks)))
+    pieces = []
+    for chunk in chunks:
+        num_virtual = chunk.seq.num_virtual_tokens
+        if chunk.start < num_virtual:
+            # The prompt is not pre-scaled: models that scale embeddings do it inside forward (PEFT semantics).
+            prompt = chunk.seq.prompt.embeddings[chunk.start:min(chunk.end, num_virtual)]
+            pieces.append(prompt.to(device=weight.device, dtype=weight.dtype))
+        pieces.append(next(token_rows))
+    return torch.cat(pieces)[None]
+
+
+def _token_counts(chunks: list[Chunk]) -> list[int]:
+    return [c.end - max(c.start, c.seq.num_virtual_tokens) if c.end > c.seq.num_virtual_tokens else 0
+            for c in chunks]
+
+
+def _token_ids(chunk: Chunk) -> list[int]:
+    """The token ids at the chunk's positions past the virtual tokens."""
+    seq, num_virtual = chunk.seq, chunk.seq.num_virtual_tokens
+    first, last = max(chunk.start, num_virtual) - num_virtual, chunk.end - num_virtual
+    if last <= 0:
+        return []
+    num_prompt = len(seq.prompt_ids)
+    if first >= num_prompt:  # decoding: generated tokens only
+        return seq.generated[first - num_prompt:last - num_prompt]
+    return (seq.prompt_ids + seq.generated)[first:last]
