@@ -67,6 +67,8 @@ async def _load(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     try:
         runtime = await asyncio.to_thread(app.state.runtime_factory, settings)
+        seconds = await asyncio.to_thread(runtime.engine.warm_up)
+        log.info("engine warm-up took %.1f s", seconds)
         runtime.engine.start()
     except Exception as e:  # noqa: BLE001 - reported on /ready and in the log, then the server stops
         log.exception("loading the model failed")

@@ -33,6 +33,17 @@ class Settings(BaseSettings):
     max_total_tokens: int | None = Field(None, ge=1, description="Most tokens of context per request: "
                                                                  "virtual + input + new (default: the "
                                                                  "model's limit)")
+    kv_cache_memory: float | None = Field(None, gt=0, description="KV memory of the engine: bytes (> 1), or a "
+                                                                  "fraction of free device memory (<= 1); "
+                                                                  "default: max-batch-size full contexts, "
+                                                                  "within half the free memory")
+    prefill_chunk_tokens: int = Field(128, ge=1, description="Most prompt tokens computed in one engine step; "
+                                                             "longer prompts continue over the next steps "
+                                                             "while running requests keep decoding")
+    prefix_cache_bytes: int = Field(256 << 20, ge=0, description="Memory for tasks' virtual-token KV, computed "
+                                                                 "once per task version and reused; 0: off")
+    compile: bool = Field(True, description="torch.compile the model's step (warm-up before /ready); "
+                                            "--no-compile runs it eagerly, for debugging")
     api_keys: Path | None = Field(None, description="JSON or YAML file of API keys (tenants, task globs, "
                                                     "admin flag); none: no auth")
     served_model_name: str | None = Field(None, description="Name of the bare model in /v1/models and the "

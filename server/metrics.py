@@ -120,9 +120,31 @@ class _LiveCollector:
             yield CounterMetricFamily("promptserve_engine_steps", "Engine steps", value=s.num_steps)
             yield GaugeMetricFamily("promptserve_engine_running", "1 while the engine loop runs",
                                     value=float(s.is_running))
+            if s.kv is not None:
+                yield from _kv_families(s.kv)
         store = self._store_stats() if self._store_stats is not None else None
         if store is not None:
             yield from _store_families(store)
+
+
+_KV_METRICS = (  # (name, help, KVStats field, is_counter)
+    ("kv_cache_bytes", "KV memory allocated (once, at start)", "num_bytes", False),
+    ("kv_cache_slots", "KV slots (one per batch row)", "num_slots", False),
+    ("kv_cache_slots_used", "KV slots held by running requests", "num_slots_used", False),
+    ("kv_cache_slot_tokens", "Context positions one slot holds", "slot_tokens", False),
+    ("kv_cache_tokens_used", "Context positions held by running requests", "num_tokens_used", False),
+    ("prefix_cache_hits", "Requests that started from their task's cached virtual-token KV", "num_prefix_hits", True),
+    ("prefix_cache_misses", "Requests that computed their task's virtual-token KV", "num_prefix_misses", True),
+    ("prefix_cache_evictions", "Virtual-token KV entries evicted to fit the budget", "num_prefix_evictions", True),
+    ("prefix_cache_entries", "Tasks whose virtual-token KV is cached", "num_prefix_entries", False),
+    ("prefix_cache_bytes", "Memory held by cached virtual-token KV", "num_prefix_bytes", False),
+)
+
+
+def _kv_families(kv):
+    for name, text, field, is_counter in _KV_METRICS:
+        family = CounterMetricFamily if is_counter else GaugeMetricFamily
+        yield family(f"promptserve_{name}", text, value=getattr(kv, field))
 
 
 def _store_families(stats):

@@ -70,4 +70,6 @@ def engine_config(settings: Settings, loaded: Any):
     max_total = settings.max_total_tokens or table or EngineConfig.max_total_tokens
     return EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                         max_input_tokens=settings.max_input_tokens, max_new_tokens=settings.max_new_tokens,
-                        max_total_tokens=max_total)
+                        max_total_tokens=max_total, kv_cache_memory=settings.kv_cache_memory,
+                        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                        prefix_cache_bytes=settings.prefix_cache_bytes, compile=settings.compile)

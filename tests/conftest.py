@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from server.demo import build_model_folder
+
+# Servers started by tests (in process or as subprocesses, which inherit this) run the model step
+# eagerly: compiling costs tens of seconds per server. The compiled step has its own tests.
+os.environ.setdefault("PROMPTSERVE_COMPILE", "false")
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,7 @@ async def put_task(task_id: str, request: Request, runtime: Runtime = Depends(ge
     else:
         raise ApiError(415, "unsupported_media_type",
                        "send multipart/form-data (fields 'config', 'weights') or application/json")
+    runtime.engine.forget_task(task_id)  # a replaced task's cached virtual-token KV is stale
     info = await asyncio.to_thread(runtime.store.info, task_id)
     return JSONResponse(task_out(info).model_dump(), status_code=201 if is_new else 200)
 
@@ -71,10 +72,11 @@ async def put_task(task_id: str, request: Request, runtime: Runtime = Depends(ge
 @router.delete("/{task_id}", status_code=204)
 async def delete_task(task_id: str, request: Request, runtime: Runtime = Depends(get_runtime),
                       tenant: Tenant = Depends(get_tenant)) -> Response:
-    """Delete a task (404 if it does not exist); its /metrics series go with it."""
+    """Delete a task (404 if it does not exist); its /metrics series and cached KV go with it."""
     check_write(request, tenant, task_id)
     await asyncio.to_thread(runtime.store.delete, task_id)  # TaskNotFound -> 404
     request.app.state.metrics.forget_task(task_id)
+    runtime.engine.forget_task(task_id)
     return Response(status_code=204)
 
 

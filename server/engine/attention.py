@@ -2,14 +2,19 @@
 
 The model is switched to the attention implementation registered here (`AttentionInterface.register`).
 The runner calls it on a packed step, `[1, N]` tokens of several requests, without a transformers cache
-and with a `StepPlan` as an extra forward keyword, which transformers hands down to every attention
-call. For each layer the function writes the step's new keys and values into the pool, then attends:
-all decoding rows at once over the pool's own memory (a view, no copy), and each prefill chunk over its
-slot's first columns. Called without a plan, it is plain SDPA, so the model still works as loaded.
+and with `promptserve_slots=True` as an extra forward keyword, which transformers hands down to every
+attention call. There the work is one opaque custom op per layer: it writes the step's new keys and
+values into the pool, then attends, all decoding rows at once over the pool's own memory (a view, no
+copy), and each prefill chunk over its slot's first columns. The op reads the step's StepPlan from the
+engine thread's `active_plan`, so a compiled model sees only `(q, k, v, layer)`: one graph serves every
+batch and chunk layout. Called without the keyword, the function is plain SDPA: the model works as loaded.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -21,9 +26,10 @@ from transformers.masking_utils import AttentionMaskInterface
 from server.engine.kv_pool import KVPool
 
 IMPLEMENTATION = "promptserve_slots"
-PLAN_KWARG = "promptserve_plan"
+SLOTS_KWARG = "promptserve_slots"
 # Attention variants this glue does not compute: a model passing any of them stays on the legacy path.
 _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
+_active = threading.local()  # the plan of the step running on this thread
 
 
 @dataclass
@@ -60,7 +66,7 @@ class StepPlan:
 
 
 class GeometryProbe:
-    """Passed instead of a plan: records each layer's key shape, so that the pool fits any family."""
+    """Passed as the keyword's value: records each layer's key shape, so that the pool fits any family."""
 
     def __init__(self) -> None:
         self.key_shapes: dict[int, tuple[int, int]] = {}  # layer -> (kv_heads, head_dim)
@@ -82,20 +88,38 @@ def install(model) -> None:
     model.set_attn_implementation(IMPLEMENTATION)
 
 
+@contextmanager
+def active_plan(plan: StepPlan):
+    """Make `plan` the one the op reads during a forward on this thread."""
+    _active.plan = plan
+    try:
+        yield
+    finally:
+        _active.plan = None
+
+
 def slot_attention(module, query, key, value, attention_mask, **kwargs):
     """query `[1, H, N, d]`, key/value `[1, KVH, N, d]` -> output `[1, N, H, d]`, no weights."""
-    plan = kwargs.pop(PLAN_KWARG, None)
-    if isinstance(plan, GeometryProbe):
-        plan.record(module.layer_idx, key)
-        plan = None
-    if plan is None:
+    marker = kwargs.pop(SLOTS_KWARG, None)
+    if isinstance(marker, GeometryProbe):
+        marker.record(module.layer_idx, key)
+        marker = None
+    if not marker:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"slot attention does not support {name}")
-    layer = module.layer_idx
+    scale = kwargs.get("scaling")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    return torch.ops.promptserve.slot_attention(query, key, value, module.layer_idx, scale)[None], None
+
+
+@torch.library.custom_op("promptserve::slot_attention", mutates_args=())
+def _slot_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
+                       scale: float) -> torch.Tensor:
+    plan: StepPlan = _active.plan
     plan.pool.write(layer, plan.write_slots, plan.write_positions, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    options = {"scale": kwargs.get("scaling"), "enable_gqa": query.shape[1] != key.shape[1]}
+    options = {"scale": scale, "enable_gqa": query.shape[1] != key.shape[1]}
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, H, d]
     q = query[0]  # [H, N, d]
     if plan.decode is not None:
@@ -106,7 +130,12 @@ def slot_attention(module, query, key, value, attention_mask, **kwargs):
         attended = F.scaled_dot_product_attention(q[None, :, rows], keys, values, attn_mask=chunk.mask,
                                                   is_causal=chunk.mask is None, **options)  # [1, H, T, d]
         out[rows] = attended[0].transpose(0, 1)
-    return out[None], None
+    return out
+
+
+@_slot_attention_op.register_fake
+def _(query, key, value, layer, scale):
+    return query.new_empty(query.shape[2], query.shape[1], query.shape[3])
 
 
 def _decode(plan: StepPlan, layer: int, q: torch.Tensor, options: dict) -> torch.Tensor:

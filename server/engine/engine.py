@@ -24,11 +24,11 @@ from server.engine.outbox import Outbox
 from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.runner_seq2seq import Seq2SeqRunner
-from server.engine.runner_slots import open_slot_runner
+from server.engine.runner_slots import open_slot_runner, warm_up
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.stream import RequestStream
-from server.engine.types import EngineStats, SamplingParams
+from server.engine.types import EngineStats, KVStats, SamplingParams
 from server.engine.worker import LogitsTap, Worker
 from server.engine.worker_slots import SlotWorker
 
@@ -70,7 +70,19 @@ class Engine:
         self.pool = KVPool(runner.geometry, size.num_slots, size.slot_tokens)
         log.info("KV pool: %d slots x %d tokens = %.1f MiB", size.num_slots, size.slot_tokens,
                  self.pool.num_bytes / 2**20)
-        return SlotWorker(runner, self._scheduler, self.pool, self.prefixes, config, release, self._outbox.flush)
+        worker = SlotWorker(runner, self._scheduler, self.pool, self.prefixes, config, release, self._outbox.flush)
+        if config.compile:
+            runner.compile()
+        return worker
+
+    def warm_up(self) -> float:
+        """Run representative steps once (the compiled step compiles here); returns the seconds taken.
+        Call before start(); the server does so before /ready."""
+        if self.pool is None:
+            return 0.0
+        started = time.monotonic()
+        warm_up(self._worker.runner)
+        return time.monotonic() - started
 
     def forget_task(self, task_id: str) -> None:
         """A task was deleted or replaced: drop its cached virtual-token KV."""
@@ -179,7 +191,15 @@ class Engine:
         return EngineStats(is_running=self._is_accepting, num_waiting=self._scheduler.num_waiting,
                            num_running=self._scheduler.num_running, num_steps=w.num_steps,
                            num_finished=w.num_finished, num_failed=w.num_failed, num_cancelled=w.num_cancelled,
-                           num_generated_tokens=w.num_generated_tokens)
+                           num_generated_tokens=w.num_generated_tokens, kv=self._kv_stats())
+
+    def _kv_stats(self) -> KVStats | None:
+        if self.pool is None:
+            return None
+        used = sum(s.num_cached for s in self._scheduler.running())
+        p = self.prefixes.stats()
+        return KVStats(self.pool.num_slots, self.pool.num_used, self.pool.slot_tokens, self.pool.num_bytes, used,
+                       p.num_hits, p.num_misses, p.num_evictions, p.num_entries, p.num_bytes)
 
     def _run(self) -> None:
         # Grad mode is per thread: the whole loop, cache surgery included, runs in inference mode.

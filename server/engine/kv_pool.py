@@ -66,6 +66,7 @@ class KVPool:
                       for _ in range(geometry.num_layers)]
         self._values = [torch.zeros(shape, dtype=geometry.dtype, device=geometry.device)
                         for _ in range(geometry.num_layers)]
+        self._heads = torch.arange(geometry.num_kv_heads, device=geometry.device)
         self.num_used = 0
 
     @property
@@ -101,8 +102,10 @@ class KVPool:
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
               values: torch.Tensor) -> None:
         """Store new tokens: token t at (slots[t], positions[t]); keys/values `[N, kv_heads, head_dim]`."""
-        self._keys[layer][slots, :, positions] = keys
-        self._values[layer][slots, :, positions] = values
+        # All-advanced indices: with a slice between them, index_put permutes the whole tensor (ms, not µs).
+        index = (slots[:, None], self._heads[None, :], positions[:, None])  # broadcast to [N, kv_heads]
+        self._keys[layer].index_put_(index, keys)
+        self._values[layer].index_put_(index, values)
 
     def view(self, layer: int, first_slot: int, num_slots: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[num_slots, kv_heads, num_tokens, head_dim]` of consecutive slots (no copy)."""

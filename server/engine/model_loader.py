@@ -11,7 +11,8 @@ from prompt_store.soft_prompt import CAUSAL_LM, SEQ_2_SEQ_LM
 from server.engine import seq2seq_families
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64, "fp64": torch.float64}  # float64: exactness checks in tests
 
 
 @dataclass

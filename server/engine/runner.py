@@ -61,4 +61,5 @@ class ModelRunner:
             kwargs["logits_to_keep"] = 1  # rows are left-padded: the last column is real for every row
         with torch.inference_mode():
             out = self.model(**kwargs)
-        return out.logits[:, -1, :].float()  # [B, V]
+        logits = out.logits[:, -1, :]  # [B, V]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64

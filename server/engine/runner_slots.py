@@ -33,6 +33,14 @@ class SlotRunner:
         self.geometry = geometry
         self.pool: KVPool | None = None
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._forward = model  # or its compiled version (`compile`)
+
+    def compile(self) -> None:
+        """Run steps through torch.compile'd model code (one graph with a dynamic token count; the
+        attention op stays opaque). The first steps of each new shape class compile: see warm_up."""
+        # Without this, sizes 0 and 1 (one decoding row, no sampled row) would each get their own graph.
+        torch.fx.experimental._config.backed_size_oblivious = True
+        self._forward = torch.compile(self.model, dynamic=True)
 
     def attach(self, pool: KVPool) -> None:
         """The pool the steps write into (allocated once by the engine)."""
@@ -44,14 +52,14 @@ class SlotRunner:
         self.faults.check(DECODE, [c.seq.request_id for c in chunks if c.is_decode])
         inputs = step_plan.build(chunks, self.model.get_input_embeddings(), self.pool)
         kwargs: dict[str, Any] = {"inputs_embeds": inputs.inputs_embeds, "position_ids": inputs.position_ids,
-                                  "use_cache": False, attention.PLAN_KWARG: inputs.plan}
+                                  "use_cache": False, attention.SLOTS_KWARG: True}
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = inputs.sample_index
-        with torch.inference_mode():
-            logits = self.model(**kwargs).logits[0]
+        with torch.inference_mode(), attention.active_plan(inputs.plan):
+            logits = self._forward(**kwargs).logits[0]
         if not self._takes_logits_to_keep:
             logits = logits[inputs.sample_index]
-        return logits.float()
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
 
     def penalty_history(self, seq: Sequence) -> list[int]:
         """Tokens the repetition penalty sees: prompt and generated tokens, as in HF generate."""
@@ -99,7 +107,7 @@ def _discover_geometry(model: Any) -> KVGeometry:
     weight = model.get_input_embeddings().weight
     with torch.inference_mode():
         model(inputs_embeds=weight[:1][None], position_ids=torch.zeros(1, 1, dtype=torch.long, device=weight.device),
-              use_cache=False, **{attention.PLAN_KWARG: probe})
+              use_cache=False, **{attention.SLOTS_KWARG: probe})
     shapes = set(probe.key_shapes.values())
     if not probe.key_shapes or len(shapes) != 1 or sorted(probe.key_shapes) != list(range(len(probe.key_shapes))):
         raise NotImplementedError(f"layers' keys differ or did not reach the glue: {probe.key_shapes}")
@@ -117,6 +125,32 @@ class _ProbeSeq:
     @property
     def num_context_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
+
+
+def warm_up(runner: SlotRunner) -> None:
+    """Run the step shapes serving will meet (prefill chunks with and without a sampled row, one and
+    several decoding rows, mixed steps), so that a compiled model compiles now, not under load. A small
+    pool of its own stands in for the attached one (the compiled code does not depend on the pool)."""
+    pool, vocab = runner.pool, runner.model.get_input_embeddings().weight.shape[0]
+    seqs = [_ProbeSeq([(7 * i + j) % vocab for j in range(12)], i) for i in range(3)]
+    runner.attach(KVPool(runner.geometry, num_slots=3, slot_tokens=16))
+    runner.pool.num_used = len(seqs)
+    try:
+        with torch.inference_mode():  # as on the engine thread: tensors made outside it fail compiled guards
+            _warm_up_steps(runner, seqs)
+    finally:
+        runner.attach(pool)
+
+
+def _warm_up_steps(runner: SlotRunner, seqs: list[_ProbeSeq]) -> None:
+    runner.forward([Chunk(seqs[0], 0, 5)])  # a chunk that samples nothing
+    runner.forward([Chunk(seqs[0], 5, 7), Chunk(seqs[1], 0, 12), Chunk(seqs[2], 0, 12)])
+    for seq in seqs:
+        seq.generated = [1]
+    runner.forward([Chunk(seqs[0], 12, 1)])  # one decoding row
+    runner.forward(step_plan.order([Chunk(s, 12, 1) for s in seqs]))  # several
+    seqs[2].generated, seqs[2].prompt_ids = [], seqs[2].prompt_ids + [3, 4]  # mixed: decodes and a chunk
+    runner.forward(step_plan.order([Chunk(seqs[0], 12, 1), Chunk(seqs[1], 12, 1), Chunk(seqs[2], 12, 2)]))
 
 
 def _probe(runner: SlotRunner) -> str | None:

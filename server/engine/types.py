@@ -76,3 +76,20 @@ class EngineStats:
     num_failed: int = 0
     num_cancelled: int = 0
     num_generated_tokens: int = 0
+    kv: KVStats | None = None  # the slot engine's KV memory (None on the legacy path)
+
+
+@dataclass(frozen=True)
+class KVStats:
+    """KV memory and the tasks' virtual-token KV cache."""
+
+    num_slots: int
+    num_slots_used: int
+    slot_tokens: int
+    num_bytes: int  # allocated once, at start
+    num_tokens_used: int  # context positions held by running requests
+    num_prefix_hits: int
+    num_prefix_misses: int
+    num_prefix_evictions: int
+    num_prefix_entries: int
+    num_prefix_bytes: int
