@@ -81,7 +81,14 @@ class Engine:
         if self.pool is None:
             return 0.0
         started = time.monotonic()
-        warm_up(self._worker.runner)
+        runner = self._worker.runner
+        try:
+            warm_up(runner)
+        except Exception as exc:  # noqa: BLE001 - e.g. inductor found no C++ compiler
+            if not runner.is_compiled:
+                raise
+            runner.use_eager(repr(exc)[:300])
+            warm_up(runner)
         return time.monotonic() - started
 
     def forget_task(self, task_id: str) -> None:

@@ -42,6 +42,16 @@ class SlotRunner:
         torch.fx.experimental._config.backed_size_oblivious = True
         self._forward = torch.compile(self.model, dynamic=True)
 
+    @property
+    def is_compiled(self) -> bool:
+        """Whether steps run through the compiled model."""
+        return self._forward is not self.model
+
+    def use_eager(self, reason: str) -> None:
+        """Give up the compiled step (e.g. no C++ compiler for inductor): run the model as loaded."""
+        log.warning("engine: compiled step unavailable, running eagerly (%s)", reason)
+        self._forward = self.model
+
     def attach(self, pool: KVPool) -> None:
         """The pool the steps write into (allocated once by the engine)."""
         self.pool = pool
@@ -56,7 +66,11 @@ class SlotRunner:
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = inputs.sample_index
         with torch.inference_mode(), attention.active_plan(inputs.plan):
-            logits = self._forward(**kwargs).logits[0]
+            try:
+                logits = self._forward(**kwargs).logits[0]
+            except torch._dynamo.exc.TorchDynamoException as exc:  # compiling failed, not the model
+                self.use_eager(repr(exc)[:300])
+                logits = self._forward(**kwargs).logits[0]
         if not self._takes_logits_to_keep:
             logits = logits[inputs.sample_index]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
