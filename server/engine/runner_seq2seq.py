@@ -82,7 +82,8 @@ class Seq2SeqRunner:
         with torch.inference_mode(), self.positions.decoder(inputs.position_ids):
             out = self.model(**kwargs)
         batch.advance(inputs)
-        return out.logits[:, -1, :].float()  # [B, V]
+        logits = out.logits[:, -1, :]  # [B, V]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
 
 
 def decoder_start_token_id(model: Any) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import threading
 
 import httpx
@@ -12,46 +13,83 @@ from live_server_util import run_server
 from reliability_util import TASKS, metric, settled, wait_for
 
 NUM_ABORTED = 200
+MAX_BATCH, MAX_QUEUE = 2, 3
+NUM_REQUESTS = 40
 
 
 @pytest.fixture(scope="module")
 def tiny_queue_server(rel_settings):
     """Batch 2, queue 3: a handful of concurrent requests overloads it."""
-    with run_server(rel_settings(max_batch_size=2, max_queue=3)) as live:
+    with run_server(rel_settings(max_batch_size=MAX_BATCH, max_queue=MAX_QUEUE)) as live:
         with live.client() as c:
             assert c.put("/v1/tasks/t", json={"init": "random", "num_virtual_tokens": 4}).status_code == 201
         yield live
 
 
+class FirstTokenHold:
+    """Logits tap: the engine's worker waits inside the first step of each named request until that request
+    is released. Nothing is admitted meanwhile, so the queue can only grow."""
+
+    def __init__(self, *request_ids: str):
+        self.is_held = {r: threading.Event() for r in request_ids}
+        self.released = {r: threading.Event() for r in request_ids}
+
+    def tap(self, request_id, step, logits) -> None:
+        if step == 0 and request_id in self.is_held:
+            self.is_held[request_id].set()
+            self.released[request_id].wait(60)
+
+    def release_all(self) -> None:
+        for event in self.released.values():
+            event.set()
+
+
+def _fill_batch_and_queue(live, pool, hold: FirstTokenHold, body: dict) -> list:
+    """Hold the worker with both batch rows running and the queue full (3); the 5 pending responses."""
+    engine = live.runtime.engine
+
+    def post(request_id: str):
+        return pool.submit(httpx.post, f"{live.url}/generate", json=body, headers={"X-Request-Id": request_id},
+                           timeout=60)
+
+    pending = [post("hold-1")]
+    assert hold.is_held["hold-1"].wait(30)
+    pending.append(post("hold-2"))
+    wait_for(lambda: engine.stats().num_waiting == 1, what="hold-2 to queue")
+    hold.released["hold-1"].set()  # the next step admits hold-2 next to hold-1, and holds there
+    assert hold.is_held["hold-2"].wait(30)
+    pending += [post(f"queued-{i}") for i in range(MAX_QUEUE)]
+    wait_for(lambda: engine.stats().num_waiting == MAX_QUEUE, what="the queue to fill")
+    return pending
+
+
 def test_overload_sheds_with_429_and_a_bounded_queue(tiny_queue_server):
     live = tiny_queue_server
     engine = live.runtime.engine
-    peak = {"waiting": 0}
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak["waiting"] = max(peak["waiting"], engine.stats().num_waiting)
-
     body = {"task_id": "t", "inputs": "x", "parameters": {"max_new_tokens": 24, "ignore_eos_token": True}}
 
-    async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
-            return await asyncio.gather(*(c.post("/generate", json=body) for _ in range(40)))
+    async def burst(num: int) -> list:
+        # A shed request is answered at once; one that waits was queued (the worker is held for 60 s).
+        async with httpx.AsyncClient(base_url=live.url, timeout=20) as c:
+            return await asyncio.gather(*(c.post("/generate", json=body) for _ in range(num)),
+                                        return_exceptions=True)
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        responses = asyncio.run(burst())
-    finally:
-        stop.set()
-        watcher.join()
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) == {200, 429}, statuses
-    for r in responses:
-        if r.status_code == 429:
-            assert r.headers["retry-after"] == "1" and r.json()["error_type"] == "overloaded"
-    assert peak["waiting"] <= 3
+    hold = FirstTokenHold("hold-1", "hold-2")
+    engine.logits_tap = hold.tap
+    with cf.ThreadPoolExecutor(MAX_BATCH + MAX_QUEUE) as pool:
+        try:
+            pending = _fill_batch_and_queue(live, pool, hold, body)
+            shed = asyncio.run(burst(NUM_REQUESTS - len(pending)))  # the queue is full: every one is shed
+            stats = engine.stats()  # nothing left the queue while held: its size now is its peak
+        finally:  # also on failure, before the pool waits for the held requests
+            hold.release_all()
+            engine.logits_tap = None
+        served = [f.result() for f in pending]
+    assert (stats.num_running, stats.num_waiting) == (MAX_BATCH, MAX_QUEUE)
+    assert [r.status_code for r in served] == [200] * len(pending), [r.text for r in served]
+    assert [getattr(r, "status_code", r) for r in shed] == [429] * len(shed)
+    for r in shed:
+        assert r.headers["retry-after"] == "1" and r.json()["error_type"] == "overloaded"
     wait_for(lambda: settled(live), what="the queue to drain")
     with live.client() as c:  # afterwards, normal service
         assert c.post("/generate", json=body).status_code == 200
