@@ -10,6 +10,7 @@ read while it is copied into a request's slot, so evicting it never affects a ru
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -36,6 +37,9 @@ class PrefixCache:
         self._num_bytes = 0
         self._stats = PrefixStats()
         self._lock = threading.Lock()  # `forget` comes from the event loop (task deleted) too
+        # When each task was last forgotten: a prefix computed by a request submitted before then (it
+        # pinned the old task) must not bring a deleted task back. One float per task ever forgotten.
+        self._forgotten_at: dict[str, float] = {}
 
     def contains(self, task_id: str, version: str) -> bool:
         """Whether this version of the task is cached (not counted as a hit or a miss)."""
@@ -65,9 +69,13 @@ class PrefixCache:
         self._stats.num_hits += 1
         return entry[1]
 
-    def put(self, task_id: str, version: str, prefix: PrefixKV) -> None:
-        """Keep `prefix` for this version of the task, evicting the least recently used to fit."""
+    def put(self, task_id: str, version: str, prefix: PrefixKV, computed_since: float | None = None) -> None:
+        """Keep `prefix` for this version of the task, evicting the least recently used to fit; not if the
+        task was forgotten after `computed_since` (time.monotonic() when its request pinned the task)."""
         with self._lock:
+            forgotten = self._forgotten_at.get(task_id)
+            if computed_since is not None and forgotten is not None and forgotten >= computed_since:
+                return
             self._put(task_id, version, prefix)
 
     def _put(self, task_id: str, version: str, prefix: PrefixKV) -> None:
@@ -84,6 +92,7 @@ class PrefixCache:
     def forget(self, task_id: str) -> None:
         """Drop the task's entry, if any (task replaced or deleted)."""
         with self._lock:
+            self._forgotten_at[task_id] = time.monotonic()
             self._forget(task_id)
 
     def _forget(self, task_id: str) -> None:

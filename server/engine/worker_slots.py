@@ -67,6 +67,8 @@ class SlotWorker(WorkerBase):
         """Defer a request whose task's prefix another running request is computing right now."""
         if seq.prompt is None or not self._prefixes.is_enabled:
             return True
+        if seq.num_virtual_tokens * self._pool.geometry.bytes_per_token > self._prefixes.max_bytes:
+            return True  # it will never be cached: waiting for it would only serialize the task's requests
         key = (seq.task_id, seq.prompt.version)
         if self._prefixes.contains(*key):
             return True
@@ -124,7 +126,8 @@ class SlotWorker(WorkerBase):
             return
         key = (seq.task_id, seq.prompt.version)
         if self._computing.get(key) is seq and seq.num_cached >= seq.num_virtual_tokens:
-            self._prefixes.put(*key, self._pool.save_prefix(seq.slot, seq.num_virtual_tokens))
+            self._prefixes.put(*key, self._pool.save_prefix(seq.slot, seq.num_virtual_tokens),
+                               computed_since=seq.submitted_at)  # pinned then
             del self._computing[key]
 
     def _leave(self, seq: Sequence) -> None:

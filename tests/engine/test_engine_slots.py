@@ -1,0 +1,229 @@
+"""The slot engine end to end on a tiny Llama with adapters written by real PEFT: admission bounded by the
+KV slots, the context limit a KV budget sets, a task replaced under running requests, and requests of one
+task waiting while the first computes its virtual-token KV. (Seeded sampling in a crowded batch of the slot
+engine is covered by test_engine_serving.test_seeded_sampling_is_independent_of_batch_mates.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from prompt_store.store import PromptStore
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.errors import InputTooLong
+from server.engine.model_loader import load_model
+from server.engine.types import SamplingParams
+from tests.engine.conftest import run, write_peft_adapters
+from tests.engine.test_engine_parity import PeftReferee
+
+TASKS = {"x": 5, "y": 3, "z": 8}
+TEXTS = ["The bread", "A long walk by the river, then home", "Hi", "Once upon a time there was a baker",
+         "one", "The kitchen smelled of fresh bread", "Stories", "The river runs"]
+
+
+@pytest.fixture(scope="module")
+def setup(engine_model_dir, tmp_path_factory):
+    model_dir = engine_model_dir("llama")
+    root = tmp_path_factory.mktemp("slots-store")
+    adapters = write_peft_adapters(model_dir, root, TASKS)
+    return model_dir, load_model(str(model_dir), device="cpu"), root, adapters
+
+
+@pytest.fixture
+def make_engine(setup):
+    _, loaded, root, _ = setup
+    engines = []
+
+    def make(store: PromptStore | None = None, **config) -> Engine:
+        store = store or PromptStore(root, token_dim=loaded.hidden_size)
+        engine = Engine(loaded, store, EngineConfig(**config))
+        assert engine.pool is not None  # the slot engine, not the legacy path
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop(grace_s=0)
+
+
+def greedy(n: int, ignore_eos: bool = False) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, ignore_eos=ignore_eos)
+
+
+class Hold:
+    """Holds the worker inside a step while the body submits, so that all those requests are queued before
+    any is admitted: a bare one-token request whose logits tap waits (other rows go to the previous tap)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self._tap = engine, engine.logits_tap
+        self.entered, self.released, self.timed_out = threading.Event(), threading.Event(), False
+        engine.logits_tap = self._on_logits
+
+    def _on_logits(self, request_id: str, index: int, logits) -> None:
+        if request_id == "hold":
+            self.entered.set()
+            self.timed_out = not self.released.wait(10)
+        elif self._tap is not None:
+            self._tap(request_id, index, logits)
+
+    async def __aenter__(self) -> Hold:
+        self._stream = await self.engine.submit("Hi", task_id=None, params=greedy(1), request_id="hold")
+        assert await asyncio.to_thread(self.entered.wait, 10)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.released.set()
+        await self._stream.result()
+        self.engine.logits_tap = self._tap
+        assert not self.timed_out
+
+
+async def _tokens(engine: Engine, text: str, task: str | None, params: SamplingParams) -> list[int]:
+    return (await (await engine.submit(text, task_id=task, params=params)).result()).token_ids
+
+
+def test_admission_is_bounded_by_the_kv_slots(make_engine):
+    engine = make_engine(max_batch_size=2)
+    assert engine.pool.num_slots == 2
+    # Different lengths: the row in slot 0 finishes first, so the last slot moves into its hole.
+    requests = [("x", TEXTS[0], 4), ("y", TEXTS[1], 12), (None, TEXTS[2], 6), ("z", TEXTS[3], 10),
+                ("x", TEXTS[4], 3), ("y", TEXTS[5], 8)]
+    used: list[int] = []
+    engine.logits_tap = lambda rid, k, logits: used.append(engine.stats().kv.num_slots_used)  # worker thread
+    moved: list[int | None] = []
+    release = engine.pool.release
+    engine.pool.release = lambda slot, n: moved.append(release(slot, n)) or moved[-1]
+
+    async def crowd():
+        async with Hold(engine):
+            streams = [await engine.submit(text, task_id=task, params=greedy(n, ignore_eos=True))
+                       for task, text, n in requests]
+        return [(await s.result()).token_ids for s in streams]
+
+    together = run(crowd())
+    assert max(used) == 2  # both slots were busy, never more
+    assert any(m is not None for m in moved)  # a running row moved to a freed slot
+    kv = engine.stats().kv
+    assert (kv.num_slots_used, kv.num_tokens_used) == (0, 0)
+    assert engine.stats().num_running == engine.stats().num_waiting == 0
+    for (task, text, n), tokens in zip(requests, together):
+        assert len(tokens) == n
+        assert tokens == run(_tokens(engine, text, task, greedy(n, ignore_eos=True))), (task, text)
+
+
+def test_kv_budget_sets_the_context_limit(setup, make_engine):
+    _, loaded, _, _ = setup
+    unbounded = make_engine()
+    per_token = unbounded.pool.geometry.bytes_per_token
+    engine = make_engine(max_batch_size=2, kv_cache_memory=2 * 64 * per_token)
+    assert engine.pool.slot_tokens == 64 and engine.stats().kv.slot_tokens == 64
+    text = TEXTS[1]
+    room = 64 - TASKS["x"] - len(loaded.tokenizer(text)["input_ids"])  # new tokens that fit
+    with pytest.raises(InputTooLong, match="context limit 64"):
+        run(engine.submit(text, task_id="x", params=greedy(room + 1)))
+    tokens = run(_tokens(engine, text, "x", greedy(room, ignore_eos=True)))  # fills the slot to its end
+    assert len(tokens) == room
+    assert tokens == run(_tokens(unbounded, text, "x", greedy(room, ignore_eos=True)))
+
+
+@pytest.mark.parametrize("forget", [True, False], ids=["forget_task", "replaced-elsewhere"])
+def test_task_replaced_under_running_requests(forget, setup, make_engine, tmp_path):
+    """Requests that pinned the old version (running, or queued when the task is replaced) give PEFT's
+    output with the old adapter; later ones PEFT's output with the new adapter. Without forget_task (a
+    replica that did not replace the task itself) only the prefix cache's version check keeps the old KV out."""
+    model_dir, loaded, _, _ = setup
+    old = write_peft_adapters(model_dir, tmp_path / "old", {"x": 5}, seed=0)["x"]
+    new = write_peft_adapters(model_dir, tmp_path / "new", {"x": 5}, seed=7)["x"]
+    store = PromptStore(tmp_path / "store", token_dim=loaded.hidden_size)
+    store.import_folder("x", old)
+    engine = make_engine(store, max_batch_size=8)
+
+    async def go():
+        warm = await (await engine.submit(TEXTS[0], task_id="x", params=greedy(2))).result()
+        assert engine.stats().kv.num_prefix_entries == 1
+        olds = [await engine.submit(t, task_id="x", params=greedy(30), request_id=f"old{i}")
+                for i, t in enumerate(TEXTS[:3])]
+        for stream in olds:
+            await stream.__anext__()
+        async with Hold(engine):  # the old rows are mid-decode, in the step the worker is held in
+            olds.append(await engine.submit(TEXTS[3], task_id="x", params=greedy(30)))  # queued: old version
+            store.import_folder("x", new)
+            if forget:
+                engine.forget_task("x")
+            news = [await engine.submit(t, task_id="x", params=greedy(30)) for t in TEXTS[:4]]
+            assert not any(s.done for s in olds)
+        return warm, [await s.result() for s in olds], [await s.result() for s in news]
+
+    warm, olds, news = run(go())
+    referee = PeftReferee(model_dir, {"old": old, "new": new})
+    want_old = [referee.run("old", t, 30)[0] for t in TEXTS[:4]]
+    want_new = [referee.run("new", t, 30)[0] for t in TEXTS[:4]]
+    assert want_old != want_new  # the adapters do differ on these texts
+    assert [r.token_ids for r in olds] == want_old
+    assert [r.token_ids for r in news] == want_new
+    assert {r.task_version for r in olds} == {warm.task_version}
+    assert {r.task_version for r in news} == {store.get("x").version} != {warm.task_version}
+
+
+def test_requests_wait_while_the_first_computes_the_task_prefix(setup, make_engine):
+    model_dir, _, _, adapters = setup
+    engine = make_engine(max_batch_size=16)
+
+    async def go():
+        async with Hold(engine):
+            streams = [await engine.submit(t, task_id="x", params=greedy(6)) for t in TEXTS]
+            late = await engine.submit("The river", task_id=None, params=greedy(6))  # passes the waiting ones
+        return [await s.result() for s in streams], await late.result()
+
+    results, late = run(go())
+    kv = engine.stats().kv
+    assert (kv.num_prefix_misses, kv.num_prefix_hits, kv.num_prefix_entries) == (1, 7, 1)
+    # The first was admitted with `late`; the other seven a step later, though they arrived before `late`.
+    assert all(late.timings.queue_s < r.timings.queue_s for r in results[1:])
+    referee = PeftReferee(model_dir, {"x": adapters["x"]})
+    for text, result in zip(TEXTS, results):
+        assert result.token_ids == referee.run("x", text, 6)[0], text
+
+
+def test_a_prefix_too_big_to_cache_does_not_make_requests_wait(make_engine):
+    """With nowhere to keep a task's KV, its requests are admitted together (no one-per-step queue)."""
+    engine = make_engine(max_batch_size=16, prefix_cache_bytes=1)
+    first_steps: dict[str, int] = {}
+
+    def first_step(request_id: str, index: int, logits) -> None:  # worker thread
+        if index == 0:
+            first_steps[request_id] = engine.stats().num_steps
+
+    engine.logits_tap = first_step  # Hold passes the other rows on to it
+
+    async def go():
+        async with Hold(engine):
+            streams = [await engine.submit(t, task_id="x", params=greedy(3), request_id=f"r{i}")
+                       for i, t in enumerate(TEXTS[:4])]
+        return [await s.result() for s in streams]
+
+    run(go())
+    assert len(first_steps) == 4 and len(set(first_steps.values())) == 1, first_steps
+
+
+def test_a_deleted_task_stays_forgotten_when_a_request_in_flight_computes_it(setup, make_engine, tmp_path):
+    model_dir, loaded, _, _ = setup
+    folder = write_peft_adapters(model_dir, tmp_path / "src", {"x": 5})["x"]
+    store = PromptStore(tmp_path / "store", token_dim=loaded.hidden_size)
+    store.import_folder("x", folder)
+    engine = make_engine(store, max_batch_size=4)
+
+    async def go():
+        async with Hold(engine):  # queued with the task pinned, then the task is deleted
+            stream = await engine.submit(TEXTS[0], task_id="x", params=greedy(3))
+            store.delete("x")
+            engine.forget_task("x")  # as the tasks router does
+        return await stream.result()
+
+    result = run(go())
+    assert not engine.prefixes.contains("x", result.task_version)
+    assert engine.stats().kv.num_prefix_entries == 0
