@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--interval", type=float, default=0.3, help="seconds between arrivals")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=128, help="slot engine: prefill_chunk_tokens (the server's default)")
     p.add_argument("--skip-profile", action="store_true")
     return p.parse_args()
 
@@ -128,7 +129,7 @@ def main() -> None:
     requests = workload(loaded, tasks, args.requests)
     print(f"model {loaded.name}, {loaded.dtype}, {torch.get_num_threads()} threads; {args.requests} requests "
           f"{args.interval} s apart, prompts 32-768, new 16-128, 16 tasks x 20 virtual tokens", flush=True)
-    engines = {"slots": make_engine(loaded, store, args, max_batch_size=32),
+    engines = {"slots": make_engine(loaded, store, args, max_batch_size=32, prefill_chunk_tokens=args.chunk),
                "legacy": make_engine(loaded, store, args, legacy=True, max_batch_size=32)}
     rounds = {k: [] for k in engines}
     for round_no in range(args.rounds):

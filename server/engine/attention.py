@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.fx.node import has_side_effect
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
@@ -136,6 +137,11 @@ def _slot_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 @_slot_attention_op.register_fake
 def _(query, key, value, layer, scale):
     return query.new_empty(query.shape[2], query.shape[1], query.shape[3])
+
+
+# It writes the pool, which no graph sees: without this, a compiled step whose output does not need an
+# attention output (no row sampled) would drop the call, and the step's keys and values with it.
+has_side_effect(torch.ops.promptserve.slot_attention.default)
 
 
 def _decode(plan: StepPlan, layer: int, q: torch.Tensor, options: dict) -> torch.Tensor:

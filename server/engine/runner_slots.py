@@ -37,9 +37,8 @@ class SlotRunner:
 
     def compile(self) -> None:
         """Run steps through torch.compile'd model code (one graph with a dynamic token count; the
-        attention op stays opaque). The first steps of each new shape class compile: see warm_up."""
-        # Without this, sizes 0 and 1 (one decoding row, no sampled row) would each get their own graph.
-        torch.fx.experimental._config.backed_size_oblivious = True
+        attention op stays opaque). Token and sampled-row counts of 0 and 1 get graphs of their own
+        (dynamo specializes them; assuming otherwise broadcasts wrongly): warm_up compiles them all."""
         self._forward = torch.compile(self.model, dynamic=True)
 
     @property
@@ -63,6 +62,9 @@ class SlotRunner:
         inputs = step_plan.build(chunks, self.model.get_input_embeddings(), self.pool)
         kwargs: dict[str, Any] = {"inputs_embeds": inputs.inputs_embeds, "position_ids": inputs.position_ids,
                                   "use_cache": False, attention.SLOTS_KWARG: True}
+        num_sampled = len(inputs.sample_index)
+        if num_sampled == 0:  # one row anyway: no zero-size graph, whose compiled form could skip the layers
+            inputs.sample_index = inputs.plan.write_positions.new_tensor([len(inputs.plan.write_positions) - 1])
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = inputs.sample_index
         with torch.inference_mode(), attention.active_plan(inputs.plan):
@@ -73,6 +75,7 @@ class SlotRunner:
                 logits = self._forward(**kwargs).logits[0]
         if not self._takes_logits_to_keep:
             logits = logits[inputs.sample_index]
+        logits = logits[:num_sampled]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
 
     def penalty_history(self, seq: Sequence) -> list[int]:
@@ -157,8 +160,9 @@ def warm_up(runner: SlotRunner) -> None:
 
 
 def _warm_up_steps(runner: SlotRunner, seqs: list[_ProbeSeq]) -> None:
-    runner.forward([Chunk(seqs[0], 0, 5)])  # a chunk that samples nothing
-    runner.forward([Chunk(seqs[0], 5, 7), Chunk(seqs[1], 0, 12), Chunk(seqs[2], 0, 12)])
+    runner.forward([Chunk(seqs[0], 0, 5)])  # a chunk that samples nothing (computes one row's logits anyway)
+    runner.forward([Chunk(seqs[0], 5, 7)])  # one that samples one row
+    runner.forward([Chunk(seqs[1], 0, 12), Chunk(seqs[2], 0, 12)])  # several
     for seq in seqs:
         seq.generated = [1]
     runner.forward([Chunk(seqs[0], 12, 1)])  # one decoding row
