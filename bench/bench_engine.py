@@ -18,6 +18,10 @@ Run: python bench/bench_engine.py [--workload free] [--device cuda --dtype bf16]
 
 from __future__ import annotations
 
+from server.openmp import reexec_with_intel_openmp
+
+reexec_with_intel_openmp()  # before torch loads, as `promptserve serve` does (server/openmp.py)
+
 import argparse
 import statistics
 

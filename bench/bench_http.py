@@ -10,6 +10,10 @@ Run: python bench/bench_http.py [--rounds 5] [--requests 16] [--dtype bfloat16] 
 
 from __future__ import annotations
 
+from server.openmp import reexec_with_intel_openmp
+
+reexec_with_intel_openmp()  # before torch loads, as `promptserve serve` does (server/openmp.py)
+
 import argparse
 import asyncio
 import statistics

@@ -7,6 +7,10 @@ Run: python bench/bench_memory.py [--requests 10000] [--hidden 512 --layers 8]
 
 from __future__ import annotations
 
+from server.openmp import reexec_with_intel_openmp
+
+reexec_with_intel_openmp()  # before torch loads, as `promptserve serve` does (server/openmp.py)
+
 import argparse
 import asyncio
 import os

@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 from live_server_util import free_port, wait_for_process
 
 from server.cli import main
+from server.openmp import intel_openmp_library
 
 ISSUE_FLAGS = ("--model", "--store", "--host", "--port", "--device", "--dtype", "--max-batch-size", "--max-queue",
                "--max-input-tokens", "--max-new-tokens", "--api-keys")
@@ -48,12 +50,16 @@ def test_serve_demo_model_subprocess(tmp_path):
         r = httpx.post(url + "/generate", json={"task_id": "demo-poet", "inputs": "The sea",
                                                 "parameters": {"max_new_tokens": 4}}, timeout=60)
         assert r.status_code == 200 and r.json()["details"]["virtual_tokens"] == 8
+        # The same pid re-executed itself with Intel's OpenMP preloaded (server/openmp.py), when installed.
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert (intel_openmp_library() is None) or str(intel_openmp_library()) in maps
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     # SIGTERM is the normal way to stop a server: a graceful stop exits 0 (server/graceful.py).
     assert proc.returncode == 0, err
     assert "promptserve: stopped" in err and "Traceback" not in err
+    assert "engine warm-up took" in err  # printed before /ready
     assert '"path":"/generate","status":200' in out  # the JSON access log, on stdout
     assert (tmp_path / "cache").is_dir() and (tmp_path / "prompts" / "demo-poet").is_dir()
 
