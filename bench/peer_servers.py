@@ -213,15 +213,19 @@ def start_vllm(python: str, tcmalloc: str | None, model_dir: Path, dtype: str, d
 
 
 async def sse_events(client: httpx.AsyncClient, url: str, body: dict, reply: Reply) -> AsyncIterator[dict]:
-    """The JSON of each `data:` event of a streamed POST (until `[DONE]`); a non-200 answer sets reply.error."""
-    async with client.stream("POST", url, json=body) as r:
-        if r.status_code != 200:
-            reply.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-            return
-        async for line in r.aiter_lines():
-            payload = line[5:].strip() if line.startswith("data:") else ""
-            if payload and payload != "[DONE]":
-                yield json.loads(payload)
+    """The JSON of each `data:` event of a streamed POST (until `[DONE]`); a non-200 answer or a broken
+    connection sets reply.error (counted as a failed request, not a crash of the benchmark)."""
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                reply.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return
+            async for line in r.aiter_lines():
+                payload = line[5:].strip() if line.startswith("data:") else ""
+                if payload and payload != "[DONE]":
+                    yield json.loads(payload)
+    except httpx.HTTPError as exc:
+        reply.error = f"{type(exc).__name__}: {exc}"[:200]
 
 
 class PromptserveSide:
