@@ -310,6 +310,7 @@ def main() -> None:
     for dtype in (["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]):
         print(f"== {dtype}", flush=True)
         results.append(run_dtype(args, dtype, work))
+        print_table(results[-1:])  # this dtype's figures now, in case a later one fails
     print_table(results)
     record = {"device": args.device, "machine": machine(), "rounds": args.rounds, "scale": args.scale,
               "results": results}

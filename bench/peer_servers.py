@@ -224,7 +224,7 @@ async def sse_events(client: httpx.AsyncClient, url: str, body: dict, reply: Rep
                 payload = line[5:].strip() if line.startswith("data:") else ""
                 if payload and payload != "[DONE]":
                     yield json.loads(payload)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:  # seen from vLLM under load: a cut-off event
         reply.error = f"{type(exc).__name__}: {exc}"[:200]
 
 
