@@ -26,7 +26,7 @@ import time
 from contextlib import ExitStack
 
 import torch
-from bench_common import add_model_args, build_model, make_engine, make_store
+from bench_common import add_model_args, make_engine, make_store, prepare_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -80,9 +80,9 @@ def run_round(engine, requests, interval: float) -> dict[str, float]:
 def copy_share(engine, requests, interval: float, is_legacy: bool) -> float:
     """One round driven on this thread under torch.profiler: the wall-time share of cache copies."""
     from torch.profiler import ProfilerActivity, profile, record_function
+    from transformers.cache_utils import DynamicLayer
 
     from server.engine import kv_cache, kv_pool
-    from transformers.cache_utils import DynamicLayer
 
     targets = ([(DynamicLayer, "update"), (kv_cache, "merge"), (kv_cache, "select")] if is_legacy else
                [(kv_pool.KVPool, "release"), (kv_pool.KVPool, "load_prefix"), (kv_pool.KVPool, "save_prefix")])
@@ -125,10 +125,7 @@ async def _driven(engine, requests, interval: float) -> None:
 def main() -> None:
     """Alternate the two engines for --rounds, then profile each once; print medians and ratios."""
     args = parse_args()
-    torch.set_grad_enabled(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = build_model(args)
+    loaded = prepare_model(args)
     store, tasks = make_store(loaded, 16, 20)
     requests = workload(loaded, tasks, args.requests)
     print(f"model {loaded.name}, {loaded.dtype}, {torch.get_num_threads()} threads; {args.requests} requests "

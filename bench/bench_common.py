@@ -47,6 +47,14 @@ def add_model_args(p: argparse.ArgumentParser, *, hidden: int = 768, layers: int
     p.add_argument("--eager", action="store_true", help="the slot engine without torch.compile")
 
 
+def prepare_model(args: argparse.Namespace):
+    """Inference only, --threads applied, then the model."""
+    torch.set_grad_enabled(False)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return build_model(args)
+
+
 def build_model(args: argparse.Namespace):
     """A model from config (random weights) and the demo tokenizer, frozen."""
     import transformers as tf

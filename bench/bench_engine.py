@@ -26,8 +26,18 @@ import argparse
 import statistics
 
 import torch
-from bench_common import (Rate, Stopwatch, Texts, add_model_args, build_model, interleaved_rounds, make_engine,
-                          make_store, median_ratio, run_closed)
+from bench_common import (
+    Rate,
+    Stopwatch,
+    Texts,
+    add_model_args,
+    interleaved_rounds,
+    make_engine,
+    make_store,
+    median_ratio,
+    prepare_model,
+    run_closed,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -148,10 +158,7 @@ def workload_free(args: argparse.Namespace, loaded) -> None:
 def main() -> None:
     """Build, warm up, measure in interleaved rounds, print figures and ratios."""
     args = parse_args()
-    torch.set_grad_enabled(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = build_model(args)
+    loaded = prepare_model(args)
     params = sum(p.numel() for p in loaded.model.parameters())
     device_name = torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu"
     print(f"model {loaded.name}: {params / 1e6:.0f}M params, {loaded.dtype}, device {device_name}, "

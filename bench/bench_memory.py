@@ -16,8 +16,7 @@ import asyncio
 import os
 import random
 
-import torch
-from bench_common import add_model_args, build_model, make_engine, make_store
+from bench_common import add_model_args, make_engine, make_store, prepare_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,8 +52,7 @@ async def _wave(engine, rng: random.Random, tasks: list[str], size: int, vocab: 
 def main() -> None:
     """Run the waves; print a line of memory figures every --every requests."""
     args = parse_args()
-    torch.set_grad_enabled(False)
-    loaded = build_model(args)
+    loaded = prepare_model(args)
     store, tasks = make_store(loaded, args.tasks, 20)
     engine = make_engine(loaded, store, args, max_batch_size=args.concurrency, prefix_cache_bytes=16 << 20)
     rng, done, peak, next_report = random.Random(3), 0, [0], args.every

@@ -118,6 +118,7 @@ def slot_attention(module, query, key, value, attention_mask, **kwargs):
 @torch.library.custom_op("promptserve::slot_attention", mutates_args=())
 def _slot_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
                        scale: float) -> torch.Tensor:
+    """One layer of a packed step: store its keys and values in the slots, then attend; `[N, H, d]`."""
     plan: StepPlan = _active.plan
     plan.pool.write(layer, plan.write_slots, plan.write_positions, key[0].transpose(0, 1), value[0].transpose(0, 1))
     options = {"scale": scale, "enable_gqa": query.shape[1] != key.shape[1]}
