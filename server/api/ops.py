@@ -44,11 +44,15 @@ async def metrics(request: Request, tenant: Tenant = Depends(require_admin)) -> 
 async def info(runtime: Runtime = Depends(get_runtime)) -> dict:
     """The served model and limits (like TGI's /info)."""
     s = runtime.settings
+    engine = runtime.engine
+    max_total = engine.config.max_total_tokens
+    if engine.pool is not None:  # a KV budget smaller than full contexts lowers the limit
+        max_total = min(max_total, engine.pool.slot_tokens)
     return {
         "model_id": runtime.model_name, "model_path": runtime.loaded.name, "device": str(runtime.loaded.device),
         "dtype": str(runtime.loaded.dtype).removeprefix("torch."), "hidden_size": runtime.loaded.hidden_size,
         "model_type": runtime.loaded.model.config.model_type, "task_type": runtime.loaded.task_type,
-        "max_total_tokens": runtime.engine.config.max_total_tokens,
+        "max_total_tokens": max_total, "engine": "slots" if engine.pool is not None else "legacy",
         "max_batch_size": s.max_batch_size, "max_queue": s.max_queue, "max_input_tokens": s.max_input_tokens,
         "max_new_tokens": s.max_new_tokens, "max_virtual_tokens": s.max_virtual_tokens,
         "has_chat_template": runtime.has_chat_template,

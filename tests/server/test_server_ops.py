@@ -26,6 +26,7 @@ def test_health_ready_info(server):
         info = c.get("/info").json()
     assert info["model_id"] == "tiny" and info["max_batch_size"] == 16 and info["has_chat_template"]
     assert (info["model_type"], info["task_type"]) == ("llama", "CAUSAL_LM")
+    assert info["engine"] == "slots" and info["max_total_tokens"] >= 1
 
 
 def test_metrics_count_requests_tokens_and_store(server):
@@ -54,6 +55,13 @@ def test_metrics_count_requests_tokens_and_store(server):
                  "promptserve_prompt_store_evictions_total"):
         assert (name, ()) in after, name
     assert delta("promptserve_prompt_store_hits_total") + delta("promptserve_prompt_store_misses_total") >= 2
+    # The engine's KV memory and the tasks' virtual-token KV cache: the second task-7 request reused the
+    # first one's (they ran one after the other), and every slot is free again.
+    assert delta("promptserve_prefix_cache_hits_total") >= 1
+    assert delta("promptserve_prefix_cache_hits_total") + delta("promptserve_prefix_cache_misses_total") == 2
+    assert after[("promptserve_kv_cache_slots", ())] == 16 and after[("promptserve_kv_cache_bytes", ())] > 0
+    assert after[("promptserve_kv_cache_slots_used", ())] == after[("promptserve_kv_cache_tokens_used", ())] == 0
+    assert after[("promptserve_prefix_cache_entries", ())] >= 1
 
 
 def test_task_label_cardinality_is_capped():
