@@ -16,7 +16,7 @@ class EngineConfig:
     max_total_tokens: int = 2048  # virtual + input + new tokens of one request (capped by the model)
     max_prefill_tokens: int = 4096  # legacy path: padded tokens (rows x longest row) in one prefill step
     # Slot engine (causal models): prompt tokens computed in one step; longer prompts continue next step.
-    prefill_chunk_tokens: int = 256
+    prefill_chunk_tokens: int = 128  # the server's default too (--prefill-chunk-tokens)
     # KV memory: bytes (> 1), or a fraction of the device's free memory (0 < x <= 1); None: enough for
     # max_batch_size full contexts, within half the free memory.
     kv_cache_memory: float | None = None
