@@ -30,8 +30,7 @@ class KVGeometry:
     @property
     def bytes_per_token(self) -> int:
         """Keys + values of one token in all layers."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from server.engine import attention, step_plan
 from server.engine.faults import DECODE, PREFILL, FaultInjector
 from server.engine.kv_pool import KVGeometry, KVPool
-from server.engine.sequence import Sequence
+from server.engine.runner import ModelRunner
 from server.engine.step_plan import Chunk
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,7 @@ class SlotRunner:
         logits = logits[:num_sampled]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
 
-    def penalty_history(self, seq: Sequence) -> list[int]:
-        """Tokens the repetition penalty sees: prompt and generated tokens, as in HF generate."""
-        return seq.prompt_ids + seq.generated
+    penalty_history = ModelRunner.penalty_history  # the same for every causal model: prompt + generated
 
 
 def open_slot_runner(model: Any, faults: FaultInjector) -> SlotRunner | None:

@@ -34,6 +34,11 @@ class WorkerBase:
         self.num_steps = self.num_finished = self.num_failed = self.num_cancelled = 0
         self.num_generated_tokens = 0
 
+    @property
+    def runner(self) -> Any:
+        """The runner that calls the model for this worker."""
+        return self._runner
+
     def _leave(self, seq: Sequence) -> None:
         """Free whatever the row holds besides its prompt pin (subclass hook)."""
 

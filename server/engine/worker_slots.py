@@ -36,7 +36,6 @@ class SlotWorker(WorkerBase):
                  config: EngineConfig, release: Callable[[Any], None], flush: Callable[[], None] = lambda: None):
         super().__init__(runner, scheduler, release, flush)
         runner.attach(pool)
-        self.runner = runner
         self._pool = pool
         self._prefixes = prefixes
         self._chunk_tokens = config.prefill_chunk_tokens
