@@ -120,12 +120,18 @@ def _slot_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        scale: float) -> torch.Tensor:
     """One layer of a packed step: store its keys and values in the slots, then attend; `[N, H, d]`."""
     plan: StepPlan = _active.plan
-    plan.pool.write(layer, plan.write_slots, plan.write_positions, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    new_keys, new_values = _rows(key[0]), _rows(value[0])  # [N, KVH, d]
     options = {"scale": scale, "enable_gqa": query.shape[1] != key.shape[1]}
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, H, d]
     q = query[0]  # [H, N, d]
-    if plan.decode is not None:
-        out[plan.decode.token_index] = _decode(plan, layer, q, options)
+    if plan.pool.has_native_decode:  # decoding rows are the step's first tokens (step_plan.order)
+        num_decode = 0 if plan.decode is None else len(plan.decode.slots)
+        plan.pool.write_and_decode(layer, _rows(q), new_keys, new_values, plan.write_slots, plan.write_positions,
+                                   num_decode, scale, out)
+    else:
+        plan.pool.write(layer, plan.write_slots, plan.write_positions, new_keys, new_values)
+        if plan.decode is not None:
+            out[plan.decode.token_index] = _decode(plan, layer, q, options)
     for chunk in plan.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         keys, values = plan.pool.view(layer, chunk.slot, 1, chunk.start + chunk.num_tokens)
@@ -143,6 +149,12 @@ def _(query, key, value, layer, scale):
 # It writes the pool, which no graph sees: without this, a compiled step whose output does not need an
 # attention output (no row sampled) would drop the call, and the step's keys and values with it.
 has_side_effect(torch.ops.promptserve.slot_attention.default)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`[heads, N, d]` -> `[N, heads, d]` (a view) with a contiguous last dim, as the pool's writers need."""
+    t = t.transpose(0, 1)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _decode(plan: StepPlan, layer: int, q: torch.Tensor, options: dict) -> torch.Tensor:

@@ -23,6 +23,7 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 << 20  # tasks' virtual-token KV kept for reuse; 0 disables it
     use_slots: bool = True  # False: every model takes the legacy path (debugging, comparisons)
     compile: bool = False  # slot engine: torch.compile the model's step (the server turns it on)
+    native_decode: bool = True  # slot engine on CPU: the native decode kernel (native_decode.py) where it builds
     max_stop_sequences: int = 8
     max_stop_length: int = 256  # characters in one stop sequence
     idle_wait_s: float = 0.5  # how long the worker sleeps when idle before checking again

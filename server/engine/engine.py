@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from server.engine import validation
+from server.engine import native_decode, validation
 from server.engine.config import EngineConfig
 from server.engine.errors import EngineStopped, QueueFull
 from server.engine.faults import FaultInjector
@@ -59,7 +59,8 @@ class Engine:
         model, config = self.loaded.model, self.config
         runner = None
         if config.use_slots and not self.loaded.is_encoder_decoder:
-            runner = open_slot_runner(model, self.fault_injector)
+            native = native_decode.load() if config.native_decode else None
+            runner = open_slot_runner(model, self.fault_injector, native)
         if runner is None:
             runner_type = Seq2SeqRunner if self.loaded.is_encoder_decoder else ModelRunner
             return Worker(runner_type(model, self.fault_injector), self._scheduler, release, self._outbox.flush)
@@ -67,9 +68,9 @@ class Engine:
         if self.loaded.max_positions is not None:
             max_context = min(max_context, self.loaded.max_positions)
         size = size_pool(runner.geometry, config.max_batch_size, max_context, config.kv_cache_memory)
-        self.pool = KVPool(runner.geometry, size.num_slots, size.slot_tokens)
-        log.info("KV pool: %d slots x %d tokens = %.1f MiB", size.num_slots, size.slot_tokens,
-                 self.pool.num_bytes / 2**20)
+        self.pool = KVPool(runner.geometry, size.num_slots, size.slot_tokens, runner.native)
+        log.info("KV pool: %d slots x %d tokens = %.1f MiB; decode attention: %s", size.num_slots,
+                 size.slot_tokens, self.pool.num_bytes / 2**20, "native" if self.pool.has_native_decode else "SDPA")
         worker = SlotWorker(runner, self._scheduler, self.pool, self.prefixes, config, release, self._outbox.flush)
         if config.compile:
             runner.compile()

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.huge_pages import advise_huge_pages
+from server.engine.native_decode import NativeDecode
+
 
 @dataclass(frozen=True)
 class KVGeometry:
@@ -54,19 +57,23 @@ class PrefixKV:
 class KVPool:
     """Slots of KV memory; `write` and `view` are called by the attention glue for each layer."""
 
-    def __init__(self, geometry: KVGeometry, num_slots: int, slot_tokens: int):
+    def __init__(self, geometry: KVGeometry, num_slots: int, slot_tokens: int, native: NativeDecode | None = None):
         if num_slots < 1 or slot_tokens < 1:
             raise ValueError(f"a KV pool needs at least one slot of one token (got {num_slots} x {slot_tokens})")
         self.geometry = geometry
         self.num_slots = num_slots
         self.slot_tokens = slot_tokens
         shape = (num_slots, geometry.num_kv_heads, slot_tokens, geometry.head_dim)
-        self._keys = [torch.zeros(shape, dtype=geometry.dtype, device=geometry.device)
-                      for _ in range(geometry.num_layers)]
-        self._values = [torch.zeros(shape, dtype=geometry.dtype, device=geometry.device)
-                        for _ in range(geometry.num_layers)]
+        self._keys = [_zeros(shape, geometry) for _ in range(geometry.num_layers)]
+        self._values = [_zeros(shape, geometry) for _ in range(geometry.num_layers)]
         self._heads = torch.arange(geometry.num_kv_heads, device=geometry.device)
+        self._native = native if native is not None and native.covers(geometry.dtype, geometry.device) else None
         self.num_used = 0
+
+    @property
+    def has_native_decode(self) -> bool:
+        """Whether `write_and_decode` can be used (the kernel was built and covers this pool)."""
+        return self._native is not None
 
     @property
     def num_bytes(self) -> int:
@@ -106,6 +113,14 @@ class KVPool:
         self._keys[layer].index_put_(index, keys)
         self._values[layer].index_put_(index, values)
 
+    def write_and_decode(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         slots: torch.Tensor, positions: torch.Tensor, num_decode: int, scale: float,
+                         out: torch.Tensor) -> None:
+        """`write`, then the attention of the first `num_decode` tokens (decoding rows) over their slots'
+        columns 0..position into `out[:num_decode]`, in one native call; queries `[N, H, d]`."""
+        self._native.run(queries, keys, values, self._keys[layer], self._values[layer], slots, positions,
+                         num_decode, scale, out)
+
     def view(self, layer: int, first_slot: int, num_slots: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[num_slots, kv_heads, num_tokens, head_dim]` of consecutive slots (no copy)."""
         rows, cols = slice(first_slot, first_slot + num_slots), slice(0, num_tokens)
@@ -123,3 +138,13 @@ class KVPool:
         keys = torch.stack([k[slot, :, :num_tokens] for k in self._keys])
         values = torch.stack([v[slot, :, :num_tokens] for v in self._values])
         return PrefixKV(keys, values)
+
+
+
+def _zeros(shape: tuple[int, ...], geometry: KVGeometry) -> torch.Tensor:
+    """Zeroed memory; on CPU asked to be backed by huge pages before it is first touched (decode reads
+    scattered slots: with 4 KiB pages, TLB misses cost about 5% of a step)."""
+    tensor = torch.empty(shape, dtype=geometry.dtype, device=geometry.device)
+    if tensor.device.type == "cpu":
+        advise_huge_pages(tensor)
+    return tensor.zero_()

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from server.engine import attention, step_plan
+from server.engine import attention, native_check, step_plan
 from server.engine.faults import DECODE, PREFILL, FaultInjector
 from server.engine.kv_pool import KVGeometry, KVPool
+from server.engine.native_decode import NativeDecode
 from server.engine.runner import ModelRunner
 from server.engine.step_plan import Chunk
 
@@ -32,6 +33,7 @@ class SlotRunner:
         self.faults = faults
         self.geometry = geometry
         self.pool: KVPool | None = None
+        self.native: NativeDecode | None = None  # the decode kernel the probe accepted, for the engine's pool
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._forward = model  # or its compiled version (`compile`)
 
@@ -81,8 +83,10 @@ class SlotRunner:
     penalty_history = ModelRunner.penalty_history  # the same for every causal model: prompt + generated
 
 
-def open_slot_runner(model: Any, faults: FaultInjector) -> SlotRunner | None:
-    """A SlotRunner for `model`, or None (with the reason logged) when it must keep the legacy path."""
+def open_slot_runner(model: Any, faults: FaultInjector, native: NativeDecode | None = None) -> SlotRunner | None:
+    """A SlotRunner for `model`, or None (with the reason logged) when it must keep the legacy path. A
+    native decode kernel, when given, is checked on the model's KV geometry and kept in `runner.native`
+    if it computes what SDPA computes."""
     reason = _static_reason(model)
     if reason is None:
         try:
@@ -90,6 +94,8 @@ def open_slot_runner(model: Any, faults: FaultInjector) -> SlotRunner | None:
             geometry = _discover_geometry(model)
             runner = SlotRunner(model, faults, geometry)
             reason = _probe(runner)
+            if reason is None and native is not None:
+                runner.native = native_check.accept(native, geometry)
         except Exception as exc:  # noqa: BLE001 - any failure means: not this path
             reason = f"probe failed: {exc!r}"
     if reason is not None:
@@ -187,3 +193,4 @@ def _probe(runner: SlotRunner) -> str | None:
             return f"probe logits differ from the model's own forward (relative {error:.2e})"
     runner.pool = None
     return None
+

@@ -2,7 +2,7 @@
 request) gives each request what PEFT gives it alone: greedy tokens identical, logits within 1e-4 in
 float32; in float64, where only the algorithm can differ, within 1e-9. Checked for the default engine, with
 the tasks' virtual-token KV cache on and off, with prefill chunks that end inside the virtual tokens and
-inside the text, and with the compiled step."""
+inside the text, with the compiled step, and with decode attention in the native kernel and in SDPA."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from prompt_store.store import PromptStore
+from server.engine import native_decode
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.model_loader import load_model
@@ -129,6 +130,8 @@ def _check_parity(model_dir, tmp_path, config: EngineConfig, dtype: str = "float
 def test_mixed_batch_matches_peft_alone(family, engine_model_dir, tmp_path):
     engine = _check_parity(engine_model_dir(family), tmp_path, EngineConfig(max_batch_size=16))
     assert (engine.pool is None) == (family == "bloom")  # BLOOM (ALiBi) keeps the legacy path
+    if engine.pool is not None:  # decode attention in the native kernel wherever it builds
+        assert engine.pool.has_native_decode == (native_decode.load() is not None)
     if engine.pool is not None:  # later requests of a task started from its cached virtual-token KV
         kv = engine.stats().kv
         assert (kv.num_prefix_hits, kv.num_prefix_misses) == (4, 4)
@@ -146,11 +149,20 @@ def test_chunked_prefill_and_prefix_cache_match_peft(family, chunk, prefix_bytes
     assert kv.num_prefix_hits == (4 if prefix_bytes else 0)
 
 
+@pytest.mark.parametrize("family", SLOT_FAMILIES)
+def test_sdpa_decode_matches_peft(family, engine_model_dir, tmp_path):
+    """Decode attention through SDPA: the path where the native kernel is not built (no compiler, float16,
+    GPUs)."""
+    engine = _check_parity(engine_model_dir(family), tmp_path, EngineConfig(max_batch_size=16, native_decode=False))
+    assert not engine.pool.has_native_decode
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "sdpa"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_float64_logits_match_peft_to_1e9(family, engine_model_dir, tmp_path):
+def test_float64_logits_match_peft_to_1e9(family, native, engine_model_dir, tmp_path):
     """In float64 rounding is out of the way: what is left would be a different computation."""
-    _check_parity(engine_model_dir(family), tmp_path, EngineConfig(max_batch_size=16, prefill_chunk_tokens=5),
-                  dtype="float64", tol=1e-9)
+    config = EngineConfig(max_batch_size=16, prefill_chunk_tokens=5, native_decode=native)
+    _check_parity(engine_model_dir(family), tmp_path, config, dtype="float64", tol=1e-9)
 
 
 def test_compiled_step_matches_peft(engine_model_dir, tmp_path):
