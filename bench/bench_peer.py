@@ -7,7 +7,8 @@
 
 Both servers stay up; one is measured while the other idles (before each measurement the script waits until
 both servers and the machine are quiet, and warns if they are not), in rounds that alternate which goes first;
-medians are reported. Greedy, ignore-EOS: both make exactly max_new tokens. "same" counts greedy outputs that
+medians are reported. Each round sends new texts (same tasks and length ranges), so that no side serves a text
+it has seen. Greedy, ignore-EOS: both make exactly max_new tokens. "same" counts greedy outputs that
 are token-identical. Inter-token gaps are taken per token at the client: tokens that arrive in one burst (< 1 ms
 apart) give gaps near 0, so the JSON's tokens_per_burst says how bunched a side's stream was.
 Run: python bench/bench_peer.py [--rounds 3] [--dtype float32|bfloat16|both] [--device cpu|cuda] [--scale 0.25]
@@ -132,8 +133,17 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, dict, dict[str,
         prompts.update(ps.write_tasks(work / "store", f"{w.name.lower()}-t", w.num_tasks, w.num_virtual, 100 + i))
     tokenizer, words = AutoTokenizer.from_pretrained(model_dir), demo_corpus().split()
     rng = random.Random(args.seed)
-    requests = {w.name: make_requests(w, tokenizer, words, rng) for w in workloads}
+    # Fresh texts for every round (same tasks, same length ranges): sent again, a text would let vLLM's
+    # prefix cache skip its prefill (TTFT 87 ms in round 1, 34 ms in rounds 2-3 when rounds repeated them),
+    # which live traffic with new texts never gets. Warm-up and the P3 capacity probe get sets of their own.
+    requests = {request_set(w.name, key): make_requests(w, tokenizer, words, rng)
+                for key in ("warm", "capacity", *range(args.rounds)) for w in workloads}
     return model_dir, prompts, requests, workloads
+
+
+def request_set(workload: str, key: str | int) -> str:
+    """Name of one set of requests: a workload's for warm-up, the P3 capacity probe, or round k."""
+    return f"{workload}#{key}"
 
 
 def start_servers(args: argparse.Namespace, dtype: str, model_dir: Path, work: Path, prompts: dict,
@@ -164,10 +174,11 @@ def start_servers(args: argparse.Namespace, dtype: str, model_dir: Path, work: P
     return sides, notes
 
 
-def measure(bench: Bench, w: Workload, name: str, arrivals: list[float] | None) -> tuple[dict, list[ps.Reply]]:
-    """One workload on one side, the other servers quiet: figures and replies."""
+def measure(bench: Bench, w: Workload, name: str, arrivals: list[float] | None,
+            key: str | int) -> tuple[dict, list[ps.Reply]]:
+    """One workload's request set `key` on one side, the other servers quiet: figures and replies."""
     wait_quiet(list(bench.servers.values()))
-    reqs = bench.requests[w.name]
+    reqs = bench.requests[request_set(w.name, key)]
     if arrivals is None:
         replies, wall = asyncio.run(closed_loop(bench.sides[name], reqs))
     else:
@@ -179,7 +190,8 @@ def warm_up(bench: Bench) -> None:
     """A few requests of every workload on every side (first-call paths); a failing vLLM is left out."""
     for name, side in list(bench.sides.items()):
         for w in bench.workloads:
-            errors = [r.error for r in asyncio.run(closed_loop(side, bench.requests[w.name][:4]))[0] if r.error]
+            warm = bench.requests[request_set(w.name, "warm")][:4]
+            errors = [r.error for r in asyncio.run(closed_loop(side, warm))[0] if r.error]
             if errors and name == "promptserve":
                 raise RuntimeError(f"promptserve failed a warm-up request of {w.name}: {errors[0]}")
             if errors:
@@ -193,11 +205,12 @@ def p3_rate(bench: Bench) -> float:
     if bench.args.p3_rate:
         return bench.args.p3_rate
     p3 = next(w for w in bench.workloads if w.name == "P3")
-    few = dataclasses.replace(p3, name="P3-capacity", num_requests=min(32, p3.num_requests))
-    bench.requests[few.name] = bench.requests["P3"][:few.num_requests]
+    few = dataclasses.replace(p3, num_requests=min(32, p3.num_requests))
+    probe = request_set("P3", "capacity")
+    bench.requests[probe] = bench.requests[probe][:few.num_requests]
     capacity = {}
     for name in bench.sides:
-        fig, _ = measure(bench, few, name, None)
+        fig, _ = measure(bench, few, name, None, "capacity")
         capacity[name] = few.num_requests / fig["wall_s"]
         print(f"  P3 capacity ({name}): {capacity[name]:.2f} requests/s", flush=True)
     bench.notes["p3_capacity_rps"] = {k: round(v, 3) for k, v in capacity.items()}
@@ -206,13 +219,13 @@ def p3_rate(bench: Bench) -> float:
 
 def run_rounds(bench: Bench, rate: float) -> None:
     """Rounds of every workload on every side, the side order alternating; keeps round 1's token ids."""
-    arrivals = arrivals_at(rate, len(bench.requests["P3"]), bench.args.seed + 1)
+    arrivals = arrivals_at(rate, len(bench.requests[request_set("P3", 0)]), bench.args.seed + 1)
     names = list(bench.sides)
     for round_no in range(bench.args.rounds):
         order = names if round_no % 2 == 0 else names[::-1]
         for w in bench.workloads:
             for name in order:
-                fig, replies = measure(bench, w, name, arrivals if w.name == "P3" else None)
+                fig, replies = measure(bench, w, name, arrivals if w.name == "P3" else None, round_no)
                 bench.rounds.setdefault((w.name, name), []).append(fig)
                 bench.outputs.setdefault((w.name, name), [r.ids for r in replies])
                 extra = f", TTFT p50 {fig['ttft_p50']:.0f} ms" if "ttft_p50" in fig else ""
@@ -279,7 +292,7 @@ def run_dtype(args: argparse.Namespace, dtype: str, work: Path) -> dict:
         notes["p3_rate_rps"] = round(rate, 3)
         print(f"  P3 arrivals: {rate:.2f} requests/s", flush=True)
         run_rounds(bench, rate)
-        dump = [{"workload": w, "side": n, "requests": [vars(r) for r in requests[w]], "ids": ids}
+        dump = [{"workload": w, "side": n, "requests": [vars(r) for r in requests[request_set(w, 0)]], "ids": ids}
                 for (w, n), ids in bench.outputs.items()]
         (work / f"outputs-{dtype}.json").write_text(json.dumps(dump))  # round 1's token ids, for a look later
         return {"dtype": dtype, **notes, "workloads": summarize(bench)}

@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from server.engine.kv_pool import KVPool
+from server.engine.native_decode import SharedPrefixes
 
 IMPLEMENTATION = "promptserve_slots"
 SLOTS_KWARG = "promptserve_slots"
@@ -42,6 +43,7 @@ class DecodeGroup:
     num_view_slots: int
     mask: torch.Tensor  # [num_view_slots, 1, 1, width] bool: True where a row may attend
     is_dense: bool  # slots == 0..Bd-1 in token order: no scatter of the queries needed
+    shared: SharedPrefixes | None = None  # native kernel: rows' cached task prefixes, read in place
 
 
 @dataclass
@@ -125,9 +127,9 @@ def _slot_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, H, d]
     q = query[0]  # [H, N, d]
     if plan.pool.has_native_decode:  # decoding rows are the step's first tokens (step_plan.order)
-        num_decode = 0 if plan.decode is None else len(plan.decode.slots)
+        shared = plan.decode.shared if plan.decode is not None else plan.pool.shared_prefixes([])
         plan.pool.write_and_decode(layer, _rows(q), new_keys, new_values, plan.write_slots, plan.write_positions,
-                                   num_decode, scale, out)
+                                   shared, scale, out)
     else:
         plan.pool.write(layer, plan.write_slots, plan.write_positions, new_keys, new_values)
         if plan.decode is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.huge_pages import advise_huge_pages
-from server.engine.native_decode import NativeDecode
+from server.engine.native_decode import NativeDecode, SharedPrefixes
 
 
 @dataclass(frozen=True)
@@ -114,12 +114,27 @@ class KVPool:
         self._values[layer].index_put_(index, values)
 
     def write_and_decode(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         slots: torch.Tensor, positions: torch.Tensor, num_decode: int, scale: float,
+                         slots: torch.Tensor, positions: torch.Tensor, shared: SharedPrefixes, scale: float,
                          out: torch.Tensor) -> None:
-        """`write`, then the attention of the first `num_decode` tokens (decoding rows) over their slots'
+        """`write`, then the attention of the first `shared.num_decode` tokens (decoding rows) over their
         columns 0..position into `out[:num_decode]`, in one native call; queries `[N, H, d]`."""
-        self._native.run(queries, keys, values, self._keys[layer], self._values[layer], slots, positions,
-                         num_decode, scale, out)
+        self._native.run(layer, queries, keys, values, self._keys[layer], self._values[layer], slots, positions,
+                         shared, scale, out)
+
+    def shared_prefixes(self, prefixes: list[PrefixKV | None]) -> SharedPrefixes:
+        """The native kernel's table for one step's decoding rows: each row's cached task prefix (the same
+        keys and values as its slot's first columns), or None. The caller keeps the PrefixKVs alive."""
+        keys, values, counts = [], [], []
+        for prefix in prefixes:
+            if prefix is None:
+                keys.append(0), values.append(0), counts.append(0)
+                continue
+            if not (prefix.keys.is_contiguous() and prefix.values.is_contiguous()):
+                raise ValueError("a shared prefix must be contiguous [layers, kv_heads, n, head_dim]")
+            keys.append(prefix.keys.data_ptr()), values.append(prefix.values.data_ptr())
+            counts.append(prefix.num_tokens)
+        return SharedPrefixes(torch.tensor(keys, dtype=torch.int64), torch.tensor(values, dtype=torch.int64),
+                              torch.tensor(counts, dtype=torch.int64))
 
     def view(self, layer: int, first_slot: int, num_slots: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[num_slots, kv_heads, num_tokens, head_dim]` of consecutive slots (no copy)."""
@@ -134,7 +149,8 @@ class KVPool:
             self._values[layer][slot, :, :n] = prefix.values[layer]
 
     def save_prefix(self, slot: int, num_tokens: int) -> PrefixKV:
-        """A copy of the first `num_tokens` columns of `slot`, to reuse in other slots."""
+        """A copy of the first `num_tokens` columns of `slot`, to reuse in other slots (contiguous, so
+        that decoding rows can read it in place: `shared_prefixes`)."""
         keys = torch.stack([k[slot, :, :num_tokens] for k in self._keys])
         values = torch.stack([v[slot, :, :num_tokens] for v in self._values])
         return PrefixKV(keys, values)

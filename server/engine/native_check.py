@@ -8,7 +8,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from server.engine.kv_pool import KVGeometry, KVPool
+from server.engine.kv_pool import KVGeometry, KVPool, PrefixKV
 from server.engine.native_decode import NativeDecode
 
 log = logging.getLogger(__name__)
@@ -21,34 +21,38 @@ _NATIVE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 
 
 def accept(native: NativeDecode, geometry: KVGeometry) -> NativeDecode | None:
     """`native` if, on this geometry and dtype, it stores keys and values exactly and attends within
-    tolerance of float64 SDPA (random data: decoding rows in scattered slots, then prefill tokens)."""
+    tolerance of float64 SDPA (random data: decoding rows in scattered slots, one reading a shared prefix,
+    then prefill tokens)."""
     if not native.covers(geometry.dtype, geometry.device):
         return None
     gen = torch.Generator(device=geometry.device).manual_seed(0)
-    heads = geometry.num_kv_heads * 2 if geometry.num_kv_heads > 1 else 4  # a query head group, as in GQA
-    pool = KVPool(geometry, num_slots=4, slot_tokens=40, native=native)
+    kv_heads, dim, layer = geometry.num_kv_heads, geometry.head_dim, geometry.num_layers - 1
+    heads = kv_heads * 2 if kv_heads > 1 else 4  # a query head group, as in GQA
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, device=geometry.device).to(geometry.dtype)
 
-    history = [rand(4, geometry.num_kv_heads, 40, geometry.head_dim) for _ in range(2)]
+    pool = KVPool(geometry, num_slots=4, slot_tokens=40, native=native)
+    history = [rand(4, kv_heads, 40, dim) for _ in range(2)]
+    for past, now in zip(history, pool.view(layer, 0, 4, 40)):
+        now.copy_(past)
+    prefix = PrefixKV(rand(geometry.num_layers, kv_heads, 6, dim), rand(geometry.num_layers, kv_heads, 6, dim))
     slots, positions = torch.tensor([2, 0, 3, 1, 1]), torch.tensor([30, 7, 39, 0, 1])
-    new_kv = [rand(5, geometry.num_kv_heads, geometry.head_dim) for _ in range(2)]
-    queries, out = rand(5, heads, geometry.head_dim), rand(5, heads, geometry.head_dim)
-    keys, values = pool.view(0, 0, 4, 40)
-    keys.copy_(history[0]), values.copy_(history[1])
-    pool.write_and_decode(0, queries, *new_kv, slots, positions, 3, 0.3, out)
+    new_kv = [rand(5, kv_heads, dim) for _ in range(2)]
+    queries, out = rand(5, heads, dim), rand(5, heads, dim)
+    pool.write_and_decode(layer, queries, *new_kv, slots, positions, pool.shared_prefixes([prefix, None, None]),
+                          0.3, out)
     for t in range(5):
         for past, new in zip(history, new_kv):
             past[slots[t], :, positions[t]] = new[t]
-    keys, values = pool.view(0, 0, 4, 40)
-    if not (torch.equal(keys, history[0]) and torch.equal(values, history[1])):
+    if not all(torch.equal(now, past) for now, past in zip(pool.view(layer, 0, 4, 40), history)):
         return _refuse("it stored keys or values in the wrong place")
     for row in range(3):
-        cols = slice(0, int(positions[row]) + 1)
-        want = F.scaled_dot_product_attention(
-            queries[row, :, None].double(), history[0][slots[row], :, cols].double(),
-            history[1][slots[row], :, cols].double(), scale=0.3, enable_gqa=True)[:, 0]  # [H, d]
+        keys, values = (past[slots[row], :, :int(positions[row]) + 1].clone() for past in history)
+        if row == 0:  # its first columns come from the shared prefix
+            keys[:, :6], values[:, :6] = prefix.keys[layer], prefix.values[layer]
+        want = F.scaled_dot_product_attention(queries[row, :, None].double(), keys.double(), values.double(),
+                                              scale=0.3, enable_gqa=True)[:, 0]  # [H, d]
         error = float((out[row].double() - want).abs().max() / want.abs().max())
         if not error <= _NATIVE_TOLERANCE[geometry.dtype]:
             return _refuse(f"row {row} differs from SDPA by {error:.2e} (relative)")

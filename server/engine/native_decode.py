@@ -2,7 +2,8 @@
 system's C++ compiler, called through ctypes.
 
 One call per layer stores the step's new keys and values in the pool and computes every decoding row's
-attention over its own slot's columns (each row reads only its own `position + 1` columns, once). On CPU
+attention over its own slot's columns (each row reads only its own `position + 1` columns, once); a row
+that started from its task's cached virtual-token KV reads those columns from that one shared copy. On CPU
 this replaces an index_put per tensor and a masked SDPA over the widest row. It is built for this machine
 (`-march=native`) in a private temporary folder, so a build never meets another CPU. Without a compiler, or
 for dtypes and devices it does not cover, the attention glue keeps the SDPA path, which computes the same.
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,9 +45,10 @@ class NativeDecode:
             fn = getattr(library, f"slot_decode_{name}")
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p, _Int64x3, ctypes.c_void_p, ctypes.c_void_p, _Int64x3, ctypes.c_void_p,
-                           ctypes.c_void_p, _Int64x3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
-                           ctypes.c_void_p, _Int64x3, ctypes.c_int]
+                           ctypes.c_void_p, _Int64x3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p,
+                           _Int64x3, ctypes.c_int]
             self._functions[dtype] = fn
 
     @staticmethod
@@ -53,19 +56,36 @@ class NativeDecode:
         """Whether the kernel computes for tensors of this dtype on this device (CPU, a dtype it was built for)."""
         return torch.device(device).type == "cpu" and dtype in DTYPES
 
-    def run(self, query: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, keys: torch.Tensor,
-            values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, num_decode: int, scale: float,
-            out: torch.Tensor) -> None:
+    def run(self, layer: int, query: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+            keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+            shared: SharedPrefixes, scale: float, out: torch.Tensor) -> None:
         """query `[N, H, d]`, new_keys/new_values `[N, KVH, d]` (innermost dim contiguous, any other
-        strides); keys/values: one layer's pool `[slots, KVH, tokens, d]`; slots/positions `[N]` int64
-        contiguous, the first `num_decode` tokens being the decoding rows; out `[N, H, d]` (its first
-        `num_decode` rows are written)."""
+        strides); keys/values: this layer's pool `[slots, KVH, tokens, d]`; slots/positions `[N]` int64
+        contiguous, the first `shared.num_decode` tokens being the decoding rows; out `[N, H, d]` (its first
+        num_decode rows are written)."""
         num_tokens, num_heads, head_dim = query.shape
         self._functions[query.dtype](
             query.data_ptr(), _strides(query), new_keys.data_ptr(), new_values.data_ptr(), _strides(new_keys),
             keys.data_ptr(), values.data_ptr(), _Int64x3(*keys.stride()[:3]), slots.data_ptr(),
-            positions.data_ptr(), num_tokens, num_decode, num_heads, new_keys.shape[1], head_dim, scale,
-            out.data_ptr(), _strides(out), torch.get_num_threads())
+            positions.data_ptr(), shared.keys.data_ptr(), shared.values.data_ptr(), shared.num_tokens.data_ptr(),
+            layer, num_tokens, shared.num_decode, num_heads, new_keys.shape[1], head_dim, scale, out.data_ptr(),
+            _strides(out), torch.get_num_threads())
+
+
+@dataclass
+class SharedPrefixes:
+    """Per decoding row, where the kernel reads its first columns instead of its slot: the addresses of a
+    task's cached keys and values (`[layers, KVH, n, d]`, contiguous) and n; 0, 0 and 0 for none. The rows'
+    PrefixKV objects are held by the requests for as long as they run (see kv_pool.shared_prefixes)."""
+
+    keys: torch.Tensor  # [num_decode] int64
+    values: torch.Tensor  # [num_decode] int64
+    num_tokens: torch.Tensor  # [num_decode] int64
+
+    @property
+    def num_decode(self) -> int:
+        """Decoding rows this step."""
+        return int(self.num_tokens.shape[0])
 
 
 def _strides(t: torch.Tensor) -> _Int64x3:

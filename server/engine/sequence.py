@@ -66,6 +66,7 @@ class Sequence:
     is_prompt_released: bool = False  # the store's pin was given back (exactly once)
     slot: int | None = None  # slot engine: the KV slot the request owns while running
     num_cached: int = 0  # slot engine: context positions whose keys and values are in the slot
+    shared_prefix: Any = None  # slot engine: its task's cached virtual-token KV (a PrefixKV), held while it runs
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None

@@ -87,6 +87,7 @@ class SlotWorker(WorkerBase):
             prefix = self._prefixes.get(seq.task_id, seq.prompt.version)
             if prefix is not None:
                 self._pool.load_prefix(seq.slot, prefix)
+                seq.shared_prefix = prefix  # decode reads it in place (held even if the cache drops it)
                 # At least the last position is computed: its logits give the first token.
                 seq.num_cached = min(prefix.num_tokens, seq.num_context_tokens - 1)
 
@@ -125,13 +126,14 @@ class SlotWorker(WorkerBase):
             return
         key = (seq.task_id, seq.prompt.version)
         if self._computing.get(key) is seq and seq.num_cached >= seq.num_virtual_tokens:
-            self._prefixes.put(*key, self._pool.save_prefix(seq.slot, seq.num_virtual_tokens),
-                               computed_since=seq.submitted_at)  # pinned then
+            seq.shared_prefix = self._pool.save_prefix(seq.slot, seq.num_virtual_tokens)
+            self._prefixes.put(*key, seq.shared_prefix, computed_since=seq.submitted_at)  # pinned then
             del self._computing[key]
 
     def _leave(self, seq: Sequence) -> None:
         """Free the row's slot (the last slot moves into it) and whatever it was computing."""
         self._generators.pop(id(seq), None)
+        seq.shared_prefix = None
         if seq.prompt is not None and self._computing.get((seq.task_id, seq.prompt.version)) is seq:
             del self._computing[(seq.task_id, seq.prompt.version)]
         if seq.slot is None:
