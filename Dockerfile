@@ -29,9 +29,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PROMPTSERVE_PORT=8000
 
 # Python (a bare Debian base gets it from apt; python:*-slim has it), g++ (torch.compile generates C++ for
-# the CPU; without it the engine runs eagerly), a virtual environment, and the non-root user. /prompts
-# (the task store, usually a volume) must be writable by that user; /cache (the demo model) is
-# world-writable so that `docker run --user UID:GID` works too.
+# the CPU and the engine builds its decode kernel at start; without it the engine runs eagerly, on SDPA),
+# a virtual environment, and the non-root user. /prompts (the task store, usually a volume) must be
+# writable by that user; /cache (the demo model) is world-writable so that `docker run --user UID:GID`
+# works too.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
         $(python3 -c "import venv, ensurepip" 2>/dev/null || echo python3 python3-venv python3-pip python3-dev ca-certificates) \
