@@ -70,9 +70,19 @@ def task_ids_from_listing(payload) -> list[str]:
     return ids
 
 
-async def existing_tasks(client: httpx.AsyncClient, limit: int) -> list[str]:
-    """Up to `limit` task ids that exist on the server (sorted, for repeatable runs)."""
-    response = await client.get("/v1/tasks")
-    if response.status_code != 200:
-        raise TaskSetupError(f"GET /v1/tasks -> {response.status_code}: {response.text[:200]}")
-    return sorted(task_ids_from_listing(response.json()))[:limit]
+async def existing_tasks(client: httpx.AsyncClient, limit: int, page_size: int = 1000) -> list[str]:
+    """Up to `limit` task ids that exist on the server (sorted, for repeatable runs), read page by page
+    (`limit`/`offset`) until enough, a short page, or a page with nothing new (a server without paging)."""
+    ids: set[str] = set()
+    offset = 0
+    while len(ids) < limit:
+        response = await client.get("/v1/tasks", params={"limit": page_size, "offset": offset})
+        if response.status_code != 200:
+            raise TaskSetupError(f"GET /v1/tasks -> {response.status_code}: {response.text[:200]}")
+        page = task_ids_from_listing(response.json())
+        new = set(page) - ids
+        ids |= new
+        offset += len(page)
+        if len(page) < page_size or not new:
+            break
+    return sorted(ids)[:limit]

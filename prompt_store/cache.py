@@ -130,6 +130,12 @@ class TieredCache:
                 self._evict()  # pins may have held a tier above its bound
             return True
 
+    def signature_of(self, task_id: str) -> tuple[bool, Signature | None]:
+        """(whether the task is cached, the signature it was read from); O(1), no LRU change."""
+        with self._lock:
+            entry = self._device_tier.peek(task_id) or self._host_tier.peek(task_id)
+        return (entry is not None, entry.signature if entry is not None else None)
+
     def signatures(self) -> dict[str, Signature | None]:
         """Signature of every cached task (to compare with the disk)."""
         with self._lock:

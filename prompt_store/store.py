@@ -39,7 +39,7 @@ class PromptStore:
                  dtype: torch.dtype = torch.float32, max_device_bytes: int = 512 * _MIB,
                  max_host_bytes: int = 2048 * _MIB, max_virtual_tokens: int = 512,
                  max_file_bytes: int | None = None, task_types: Iterable[str] = TASK_TYPES,
-                 rescan_interval_s: float = 30.0) -> None:
+                 rescan_interval_s: float = 30.0, check_on_use: bool = False) -> None:
         if token_dim < 1 or max_virtual_tokens < 1:
             raise ValueError("token_dim and max_virtual_tokens must be positive")
         # The adapter task types the served model can run (e.g. ("CAUSAL_LM",) for a decoder-only model);
@@ -58,6 +58,9 @@ class PromptStore:
         # (the last catches files edited in place by other processes); see task_list.py.
         self._tasks = TaskList(str(self.root), self._index, rescan_interval_s, self._after_rescan)
         self._write_lock = threading.Lock()  # one writer at a time in this process
+        # A root shared with other processes (replicas on one NFS folder or volume) can change under the
+        # cache: then every read compares the cached entry's folder signature with the disk (stat only).
+        self.check_on_use = check_on_use
         recover(str(self.root), _STALE_TMP_S)
 
     @property
@@ -67,14 +70,26 @@ class PromptStore:
 
     # ---- reading ----
     def get(self, task_id: str) -> SoftPrompt:
-        """The task's prompt on the store's device and dtype (a hit never touches disk)."""
+        """The task's prompt on the store's device and dtype (a hit never touches disk, unless
+        `check_on_use`: then a stat of its folder first)."""
         check_task_id(task_id)
+        self._drop_if_changed(task_id)
         return self._cache.get_or_load(task_id, lambda: self._load(task_id), pin=False)
 
     def acquire(self, task_id: str) -> SoftPrompt:
         """`get` and pin in one step: the prompt is not evicted until `release`."""
         check_task_id(task_id)
+        self._drop_if_changed(task_id)
         return self._cache.get_or_load(task_id, lambda: self._load(task_id), pin=True)
+
+    def _drop_if_changed(self, task_id: str) -> None:
+        """With `check_on_use`: forget the cached prompt if its folder was replaced or deleted by another
+        process since it was read (the next load then reads the new version, or finds no task)."""
+        if not self.check_on_use:
+            return
+        is_cached, signature = self._cache.signature_of(task_id)
+        if is_cached and stat_signature(str(self.root), task_id) != signature:
+            self._cache.invalidate(task_id)
 
     def release(self, prompt: SoftPrompt) -> bool:
         """Unpin a prompt returned by `acquire` (per task and version); False if it was not pinned."""

@@ -37,6 +37,10 @@ class LruTier:
             self._entries.move_to_end(task_id)
         return entry
 
+    def peek(self, task_id: str) -> CacheEntry | None:
+        """The entry without marking it used; None if absent."""
+        return self._entries.get(task_id)
+
     def add(self, entry: CacheEntry) -> None:
         """Insert or replace as most recently used (call `evict` afterwards to restore the bound)."""
         self.pop(entry.prompt.task_id)

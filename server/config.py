@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_virtual_tokens: int = Field(512, ge=1, description="Most virtual tokens a stored adapter may have")
     store_device_bytes: int = Field(256 << 20, ge=0, description="Prompt cache on the model's device, bytes")
     store_host_bytes: int = Field(1 << 30, ge=0, description="Prompt cache in host memory, bytes")
+    shared_store: bool = Field(False, description="The store folder is shared with other servers (replicas on "
+                               "one NFS folder or volume): every request checks its task's folder by stat (a few "
+                               "µs), so a task replaced or deleted by another server is never served stale")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body, bytes (HTTP 413 above)")
     max_upload_bytes: int = Field(64 << 20, ge=1, description="Largest adapter upload body, bytes")
     metrics_max_tasks: int = Field(100, ge=0, description="Distinct task labels in /metrics; the rest "

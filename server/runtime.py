@@ -51,7 +51,7 @@ def build_runtime(settings: Settings) -> Runtime:
     settings.store.mkdir(parents=True, exist_ok=True)
     store = PromptStore(settings.store, token_dim=loaded.hidden_size, device=loaded.device, dtype=loaded.dtype,
                         max_device_bytes=settings.store_device_bytes, max_host_bytes=settings.store_host_bytes,
-                        max_virtual_tokens=settings.max_virtual_tokens,
+                        max_virtual_tokens=settings.max_virtual_tokens, check_on_use=settings.shared_store,
                         task_types=(loaded.task_type,))  # adapters of another type: 422 naming what fits
     if is_demo and settings.demo_tasks:
         seed_demo_tasks(store, loaded)

@@ -99,3 +99,29 @@ def test_plain_requests_by_count_match_metrics(real_server, tmp_path):
     assert delta(before, after, "promptserve_http_requests_total", route="/generate", status="200") == 10
     assert delta(before, after, "promptserve_generated_tokens_total") == report["client"]["generated_tokens"]
     assert report["counts"]["is_match"] is True
+
+
+def test_existing_tasks_pages_through_the_whole_listing(real_server):
+    """More tasks than one page holds: the harness reads page after page (here pages of 3)."""
+    import asyncio
+
+    from loadtest.tasks import existing_tasks
+
+    ids = [f"page-{i:02d}" for i in range(8)]
+    with httpx.Client(base_url=real_server, timeout=30) as c:
+        for task_id in ids:
+            r = c.put(f"/v1/tasks/{task_id}", json={"init": "random", "num_virtual_tokens": 2, "seed": 1})
+            assert r.status_code in (200, 201), r.text
+        everything = sorted(t["id"] for t in c.get("/v1/tasks").json()["tasks"])
+
+    async def listed(limit: int) -> list[str]:
+        async with httpx.AsyncClient(base_url=real_server, timeout=30) as client:
+            return await existing_tasks(client, limit, page_size=3)
+
+    try:
+        assert asyncio.run(listed(100)) == everything  # every page, not just the first 3
+        assert asyncio.run(listed(7)) == everything[:7]
+    finally:
+        with httpx.Client(base_url=real_server, timeout=30) as c:
+            for task_id in ids:
+                c.delete(f"/v1/tasks/{task_id}")
