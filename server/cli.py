@@ -67,6 +67,11 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"promptserve: invalid settings:\n{e}", file=sys.stderr)
         return 2
+    if settings.replicas:
+        _configure_logging(settings.log_level)
+        from server.scaleout.launch import run
+
+        return run(settings)
     try:
         app = create_app(settings)
     except KeysFileError as e:

@@ -67,6 +67,17 @@ class Settings(BaseSettings):
     # client could reuse a connection the server was closing, and the request died with a reset.
     keep_alive_s: int = Field(75, ge=1, description="Seconds an idle keep-alive connection is kept open")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+    # Scale-out on Ray Serve (extra `promptserve[ray]`); 0 replicas: one process, no Ray.
+    replicas: int = Field(0, ge=0, description="Engine replicas on Ray Serve behind one endpoint (0: a single "
+                          "process, no Ray); with --max-replicas, the autoscaling minimum")
+    max_replicas: int | None = Field(None, ge=1, description="Autoscale the replicas up to this many")
+    target_ongoing_requests: float = Field(16.0, gt=0, description="Autoscaling target: requests in flight per "
+                                           "replica")
+    replica_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica")
+    replica_num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each replica (0 on CPU)")
+    replica_threads: int = Field(1, ge=1, description="torch threads in each replica")
+    ray_address: str | None = Field(None, description="Ray cluster to join (e.g. 'auto' or ray://host:10001); "
+                                    "none: start a local one")
 
     def model_name(self) -> str:
         """The name the bare model answers to (OpenAI `model`, /v1/models)."""

@@ -76,6 +76,10 @@ class Engine:
             runner.compile()
         return worker
 
+    def is_alive(self) -> bool:
+        """Whether the worker thread is running (a replica's health check)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def warm_up(self) -> float:
         """Run representative steps once (the compiled step compiles here); returns the seconds taken.
         Call before start(); the server does so before /ready."""

@@ -1,0 +1,76 @@
+"""One HTTP request through an ASGI app in this process, its response as a stream of parts.
+
+A replica runs the full promptserve app (every route, auth, error, SSE) and the ingress forwards requests
+to it as plain records. httpx's ASGI transport would buffer a whole response (no SSE), so this drives the
+app directly: the first part is the status and headers, then each body chunk as the app sends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class RequestRecord:
+    """What the ingress forwards: enough to rebuild the HTTP request."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    client: tuple[str, int] | None = None
+
+
+@dataclass
+class ResponseStart:
+    """The first part of a forwarded response."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+
+async def forward(app: Any, record: RequestRecord) -> AsyncIterator[ResponseStart | bytes]:
+    """Run `record` through `app`; yields ResponseStart, then body chunks as they are sent."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": record.method,
+             "scheme": "http", "path": record.path, "raw_path": record.path.encode(), "query_string": record.query,
+             "headers": record.headers, "client": record.client, "server": ("127.0.0.1", 0), "root_path": ""}
+    parts: asyncio.Queue = asyncio.Queue()
+    body_sent = False
+    disconnected = asyncio.Event()
+
+    async def receive() -> dict:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": record.body, "more_body": False}
+        await disconnected.wait()  # the caller went away (the ingress cancelled this generator)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        await parts.put(message)
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            await parts.put(None)
+
+    task = asyncio.create_task(run())
+    try:
+        while (message := await parts.get()) is not None:
+            if message["type"] == "http.response.start":
+                yield ResponseStart(message["status"], list(message.get("headers", [])))
+            elif message["type"] == "http.response.body" and message.get("body"):
+                yield message["body"]
+        await task  # re-raise what the app raised, if anything
+    finally:
+        disconnected.set()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,71 @@
+"""EngineReplica: one Ray Serve replica = one promptserve app (model loaded once, its own engine) on one
+device, answering requests the ingress forwards, with every route, auth rule and error as in a single
+process. The task id is Ray's multiplexed model id: Ray routes a task's requests to replicas that hold it."""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+
+from server.scaleout.asgi_bridge import RequestRecord, ResponseStart, forward
+
+log = logging.getLogger(__name__)
+REPLICA_HEADER = b"x-promptserve-replica"
+
+
+class EngineReplica:
+    """Deployed by launch.py with `serve.deployment(...)`; `handle` streams one forwarded request."""
+
+    async def __init__(self, settings_values: dict, torch_threads: int):
+        import torch
+
+        from server.app import create_app
+        from server.config import Settings
+
+        torch.set_num_threads(torch_threads)
+        self.app = create_app(Settings(**settings_values))
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()  # loads the model and warms the engine up, in the background
+        await self._until_loaded()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.metrics = self.app.state.metrics
+
+    async def _until_loaded(self) -> None:
+        import asyncio
+
+        state = self.app.state
+        while state.runtime is None and state.load_error is None:
+            await asyncio.sleep(0.1)
+        if state.load_error is not None:
+            raise RuntimeError(f"the replica could not load the model: {state.load_error}")
+
+    async def check_health(self) -> None:
+        """Ray restarts a replica whose engine thread has died."""
+        runtime = self.app.state.runtime
+        if runtime is None or not runtime.engine.is_alive():
+            raise RuntimeError("the engine is not running")
+
+    @serve.multiplexed(max_num_models_per_replica=1024)
+    async def _hold(self, task_id: str) -> str:
+        """Called by Ray only when this replica does not hold the task yet: an affinity miss."""
+        self.metrics.observe_affinity(is_hit=False)
+        return task_id
+
+    async def handle(self, record: RequestRecord):
+        """Forward one request through this replica's app; yields ResponseStart, then body chunks."""
+        task_id = serve.get_multiplexed_model_id()
+        if task_id:
+            misses = self.metrics.num_affinity_misses
+            await self._hold(task_id)
+            if self.metrics.num_affinity_misses == misses:
+                self.metrics.observe_affinity(is_hit=True)
+        async for part in forward(self.app, record):
+            if isinstance(part, ResponseStart):
+                part.headers.append((REPLICA_HEADER, self.replica_id.encode()))
+            yield part
+
+    async def __del__(self):
+        """Ray stops the replica: drain like a single server on SIGTERM (running requests finish)."""
+        self.app.state.is_draining = True
+        await self._lifespan.__aexit__(None, None, None)
