@@ -4,13 +4,10 @@ process. The task id is Ray's multiplexed model id: Ray routes a task's requests
 
 from __future__ import annotations
 
-import logging
-
 from ray import serve
 
 from server.scaleout.asgi_bridge import RequestRecord, ResponseStart, forward
 
-log = logging.getLogger(__name__)
 REPLICA_HEADER = b"x-promptserve-replica"
 
 

@@ -49,7 +49,8 @@ def cluster(tiny_model_dir, tmp_path_factory):
         try:
             wait_for_process(url, proc, 300)
         except RuntimeError:
-            raise AssertionError(f"the Ray deployment did not start: {(root / 'server.log').read_text()[-3000:]}") from None
+            tail = (root / "server.log").read_text()[-3000:]
+            raise AssertionError(f"the Ray deployment did not start: {tail}") from None
         yield url, model, adapters
     finally:
         proc.send_signal(signal.SIGTERM)
