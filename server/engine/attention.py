@@ -43,7 +43,6 @@ class DecodeGroup:
     num_view_slots: int
     mask: torch.Tensor  # [num_view_slots, 1, 1, width] bool: True where a row may attend
     is_dense: bool  # slots == 0..Bd-1 in token order: no scatter of the queries needed
-    shared: SharedPrefixes | None = None  # native kernel: rows' cached task prefixes, read in place
 
 
 @dataclass
@@ -66,6 +65,7 @@ class StepPlan:
     write_positions: torch.Tensor  # [N]
     decode: DecodeGroup | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    shared: SharedPrefixes | None = None  # native kernel: decoding rows' cached task prefixes, read in place
 
 
 class GeometryProbe:
@@ -127,9 +127,8 @@ def _slot_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, H, d]
     q = query[0]  # [H, N, d]
     if plan.pool.has_native_decode:  # decoding rows are the step's first tokens (step_plan.order)
-        shared = plan.decode.shared if plan.decode is not None else plan.pool.shared_prefixes([])
         plan.pool.write_and_decode(layer, _rows(q), new_keys, new_values, plan.write_slots, plan.write_positions,
-                                   shared, scale, out)
+                                   plan.shared, scale, out)
     else:
         plan.pool.write(layer, plan.write_slots, plan.write_positions, new_keys, new_values)
         if plan.decode is not None:

@@ -70,8 +70,8 @@ def build(chunks: list[Chunk], embed: torch.nn.Module, pool: KVPool) -> StepInpu
     decodes = [c for c in chunks if c.is_decode]
     if decodes:
         plan.decode = _decode_group(decodes, device)
-        if pool.has_native_decode:
-            plan.decode.shared = pool.shared_prefixes([c.seq.shared_prefix for c in decodes])
+    if pool.has_native_decode:  # once a step, not once a layer
+        plan.shared = pool.shared_prefixes([c.seq.shared_prefix for c in decodes])
     offset = len(decodes)
     for chunk in chunks[len(decodes):]:
         plan.prefills.append(PrefillChunk(offset, chunk.num_tokens, chunk.seq.slot, chunk.start,
