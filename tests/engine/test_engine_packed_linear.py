@@ -1,0 +1,79 @@
+"""Prepacked linear layers (server/engine/packed_linear.py): the same products as nn.Linear, eager and
+compiled, with gradients through the original weights, and reversible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.engine import packed_linear
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the output's largest magnitude
+
+
+def _model(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64, bias=False)).to(dtype)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 40])  # float32: plain below MIN_FLOAT32_ROWS, packed from it
+def test_packed_model_computes_what_the_plain_one_does(dtype, num_rows):
+    model = _model(dtype)
+    x = torch.randn(1, num_rows, 64).to(dtype)
+    with torch.inference_mode():
+        want = model(x)
+        assert packed_linear.can_pack(model)
+        num_bytes = packed_linear.pack(model)
+        got = model(x)
+    assert num_bytes == (64 * 96 + 96 * 64) * dtype.itemsize
+    assert all(type(m) is packed_linear.PackedLinear for m in (model[0], model[2]))
+    assert _relative_error(got, want) <= TOLERANCE[dtype]
+
+
+def test_the_compiled_step_calls_the_packed_op():
+    model = _model(torch.float32)
+    x = torch.randn(1, 32, 64)
+    want = model(x).detach()
+    packed_linear.pack(model)
+    compiled = torch.compile(model, dynamic=True)
+    with torch.inference_mode():
+        assert _relative_error(compiled(x), want) <= TOLERANCE[torch.float32]
+        assert _relative_error(compiled(x[:, :3]), want[:, :3]) <= TOLERANCE[torch.float32]  # another row count
+
+
+def test_gradients_flow_through_the_original_weights():
+    model = _model(torch.float32).requires_grad_(False)
+    packed_linear.pack(model)
+    x = torch.randn(3, 64, requires_grad=True)
+    model(x).sum().backward()  # training a soft prompt needs the input's gradient through a frozen model
+    plain = x.detach().clone().requires_grad_(True)
+    reference = _model(torch.float32).requires_grad_(False)
+    reference(plain).sum().backward()
+    assert torch.allclose(x.grad, plain.grad, atol=1e-5)
+
+
+def test_unpack_restores_plain_linears_and_the_state_dict_never_changes():
+    model = _model(torch.float32)
+    keys = set(model.state_dict())
+    packed_linear.pack(model)
+    assert set(model.state_dict()) == keys  # the packed copies are not parameters or buffers
+    packed_linear.unpack(model)
+    assert all(type(m) is nn.Linear and not hasattr(m, "packed_weight") for m in (model[0], model[2]))
+
+
+def test_float64_and_other_devices_are_left_alone():
+    assert not packed_linear.can_pack(_model(torch.float64))
+    model = _model(torch.float64)
+    assert packed_linear.pack(model) == 0
+    assert type(model[0]) is nn.Linear
+    x = torch.randn(2, 64, dtype=torch.float64)
+    assert torch.equal(model(x), F.linear(F.gelu(F.linear(x, model[0].weight, model[0].bias)), model[2].weight))
