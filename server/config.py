@@ -40,10 +40,21 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(128, ge=1, description="Most prompt tokens computed in one engine step; "
                                                              "longer prompts continue over the next steps "
                                                              "while running requests keep decoding")
+    idle_prefill_tokens: int = Field(2048, ge=1, description="Most prompt tokens computed in one step when "
+                                                             "no request is decoding (no next token waits on "
+                                                             "the step): a burst of requests starts at once")
+    burst_wait_ms: float = Field(2.0, ge=0, description="An idle engine's first step waits while requests "
+                                                        "keep arriving within this many ms of each other (at "
+                                                        "most 10 waits), so that a burst starts in one step; "
+                                                        "0: off")
     prefix_cache_bytes: int = Field(256 << 20, ge=0, description="Memory for tasks' virtual-token KV, computed "
                                                                  "once per task version and reused; 0: off")
     compile: bool = Field(True, description="torch.compile the model's step (warm-up before /ready); "
                                             "--no-compile runs it eagerly, for debugging")
+    prepack_weights: bool = Field(True, description="On CPU, also keep every linear weight in oneDNN's blocked "
+                                                    "layout (about a third less time in a step's matrix "
+                                                    "products, for a second copy of those weights); "
+                                                    "--no-prepack-weights saves the memory")
     api_keys: Path | None = Field(None, description="JSON or YAML file of API keys (tenants, task globs, "
                                                     "admin flag); none: no auth")
     served_model_name: str | None = Field(None, description="Name of the bare model in /v1/models and the "

@@ -17,6 +17,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # legacy path: padded tokens (rows x longest row) in one prefill step
     # Slot engine (causal models): prompt tokens computed in one step; longer prompts continue next step.
     prefill_chunk_tokens: int = 128  # the server's default too (--prefill-chunk-tokens)
+    idle_prefill_tokens: int = 2048  # the same, in a step where no request is decoding (no next token waits)
     # KV memory: bytes (> 1), or a fraction of the device's free memory (0 < x <= 1); None: enough for
     # max_batch_size full contexts, within half the free memory.
     kv_cache_memory: float | None = None
@@ -24,16 +25,20 @@ class EngineConfig:
     use_slots: bool = True  # False: every model takes the legacy path (debugging, comparisons)
     compile: bool = False  # slot engine: torch.compile the model's step (the server turns it on)
     native_decode: bool = True  # slot engine on CPU: the native decode kernel (native_decode.py) where it builds
+    prepack_weights: bool = True  # slot engine on CPU: linear weights also kept in oneDNN's layout (packed_linear.py)
     max_stop_sequences: int = 8
     max_stop_length: int = 256  # characters in one stop sequence
     idle_wait_s: float = 0.5  # how long the worker sleeps when idle before checking again
+    burst_wait_s: float = 0.002  # an idle engine's first step waits while requests keep arriving this close
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_input_tokens", "max_new_tokens",
-                     "max_total_tokens", "max_prefill_tokens", "prefill_chunk_tokens"):
+                     "max_total_tokens", "max_prefill_tokens", "prefill_chunk_tokens", "idle_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("EngineConfig.kv_cache_memory must be > 0 (bytes, or a fraction <= 1)")
+        if self.burst_wait_s < 0:
+            raise ValueError("EngineConfig.burst_wait_s must be >= 0")
         if self.prefix_cache_bytes < 0:
             raise ValueError("EngineConfig.prefix_cache_bytes must be >= 0")

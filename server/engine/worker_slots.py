@@ -3,9 +3,9 @@
 Each step: drop cancelled requests; admit waiting ones while KV slots are free (memory-bounded: a
 request's slot holds its whole context, so it can never run out); plan the step, every decoding row's
 next token plus prompt chunks up to `prefill_chunk_tokens` (chunked prefill: a long prompt spreads over
-steps while the running rows keep decoding); run it as one packed forward; sample the rows whose context
-is complete; emit. A request of a task whose virtual-token KV is cached starts from a copy of it; while
-the first request of a task computes it, the task's other requests wait in the queue (others pass them).
+steps while the running rows keep decoding; when no row is decoding, up to `idle_prefill_tokens`); run it
+as one packed forward; sample the rows whose context is complete; emit. A request of a task whose
+virtual-token KV is cached starts from a copy of it; while the first request of a task computes it, the task's other requests wait in the queue (others pass them).
 A failing forward is retried on halves of its chunks until the culprit fails alone.
 """
 
@@ -39,6 +39,7 @@ class SlotWorker(WorkerBase):
         self._pool = pool
         self._prefixes = prefixes
         self._chunk_tokens = config.prefill_chunk_tokens
+        self._idle_tokens = max(config.idle_prefill_tokens, config.prefill_chunk_tokens)
         self._owners: list[Sequence | None] = [None] * pool.num_slots
         self._generators: dict[int, torch.Generator] = {}
         self._computing: dict[tuple[str, str], Sequence] = {}  # task's prefix -> the request computing it
@@ -92,8 +93,13 @@ class SlotWorker(WorkerBase):
                 seq.num_cached = min(prefix.num_tokens, seq.num_context_tokens - 1)
 
     def _plan(self) -> list[Chunk]:
-        chunks, budget = [], self._chunk_tokens
-        for seq in self._scheduler.running():
+        running = self._scheduler.running()
+        # While rows decode, a chunk delays their next token, so it is kept short. When none does, nobody
+        # waits on the step: one large prefill then starts every waiting request at once (with short chunks,
+        # a burst of requests would join over many steps and finish over as many, at smaller batches).
+        is_decoding = any(seq.generated for seq in running)
+        chunks, budget = [], self._chunk_tokens if is_decoding else self._idle_tokens
+        for seq in running:
             remaining = seq.num_context_tokens - seq.num_cached
             if seq.generated:
                 chunks.append(Chunk(seq, seq.num_cached, remaining))

@@ -35,17 +35,19 @@ def _geometry(dtype: torch.dtype, kv_heads: int = 2, head_dim: int = 16) -> KVGe
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads,heads", [(2, 8), (4, 4), (1, 3)], ids=["gqa", "mha", "mqa"])
-def test_kernel_writes_like_the_pool_and_attends_like_sdpa(kernel, dtype, kv_heads, heads):
+@pytest.mark.parametrize("head_dim", [16, 64, 24])  # multiples of 16 take the vector path on AVX-512 machines
+def test_kernel_writes_like_the_pool_and_attends_like_sdpa(kernel, dtype, kv_heads, heads, head_dim):
     gen = torch.Generator().manual_seed(0)
-    geometry, head_dim, num_slots, slot_tokens, layer = _geometry(dtype, kv_heads), 16, 5, 33, 1
+    geometry, num_slots, slot_tokens, layer = _geometry(dtype, kv_heads, head_dim), 5, 33, 1
     native, plain = KVPool(geometry, num_slots, slot_tokens, kernel), KVPool(geometry, num_slots, slot_tokens)
     assert native.has_native_decode and not plain.has_native_decode
     for pool in (native, plain):  # the same history in both
         keys, values = pool.view(layer, 0, num_slots, slot_tokens)
         keys.copy_(torch.randn(keys.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
         values.copy_(torch.randn(values.shape, generator=torch.Generator().manual_seed(2)).to(dtype))
-    # 4 decoding rows in scattered slots (one at column 0, one at the last column), then 3 prefill tokens.
-    slots, positions = torch.tensor([3, 0, 4, 1, 2, 2, 2]), torch.tensor([10, 0, 32, 20, 5, 6, 7])
+    # 4 decoding rows in scattered slots (one at column 0, one at the last column, one at a multiple of 16
+    # columns: vectors of 16 with and without a tail), then 3 prefill tokens.
+    slots, positions = torch.tensor([3, 0, 4, 1, 2, 2, 2]), torch.tensor([10, 0, 32, 15, 5, 6, 7])
     # Rows 0, 1 and 3 read their first 7 columns (row 1: its only one) from one shared task prefix.
     prefix = PrefixKV(*(torch.randn(2, kv_heads, 7, head_dim, generator=gen).to(dtype) for _ in range(2)))
     shared = native.shared_prefixes([prefix, prefix, None, prefix])

@@ -227,3 +227,21 @@ def test_a_deleted_task_stays_forgotten_when_a_request_in_flight_computes_it(set
     result = run(go())
     assert not engine.prefixes.contains("x", result.task_version)
     assert engine.stats().kv.num_prefix_entries == 0
+
+
+def test_a_burst_arriving_at_an_idle_engine_starts_in_one_step(make_engine):
+    # Requests 30 ms apart (well inside the 300 ms burst wait) with prompts far longer than the 4-token
+    # chunk: gathered, and prefilled in one step (no row decodes yet), they need 1 + 2 steps for 3 tokens.
+    engine = make_engine(burst_wait_s=0.3, prefill_chunk_tokens=4)
+
+    async def burst():
+        streams = []
+        for i, task in enumerate(["x", "y", "z", None]):
+            streams.append(await engine.submit(TEXTS[2 * i + 1], task_id=task, params=greedy(3, ignore_eos=True)))
+            await asyncio.sleep(0.03)
+        return [await s.result() for s in streams]
+
+    results = run(burst())
+    assert [r.generated_tokens for r in results] == [3, 3, 3, 3]
+    assert engine.stats().num_steps == 3
+
