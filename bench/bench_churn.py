@@ -10,6 +10,7 @@ spent in cache copies: for the legacy engine the cache's own growth (`DynamicLay
 select; for the slot engine moving a slot on release and copying a task's KV in and out of the prefix cache.
 
 Run: python bench/bench_churn.py [--rounds 3] [--hidden 512 --layers 8] [--device cuda --dtype bf16]
+     [--stall-ratios 0,1.8 --skip-legacy]  (slot engine settings against each other)
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--interval", type=float, default=0.3, help="seconds between arrivals")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--chunk", type=int, default=128, help="slot engine: prefill_chunk_tokens (the server's default)")
+    p.add_argument("--stall-ratios", default="0", help="slot engine: max_stall_ratio values to compare, "
+                   "comma-separated (0, the server's default: always --chunk tokens)")
+    p.add_argument("--skip-legacy", action="store_true", help="compare slot engine settings only")
     p.add_argument("--skip-profile", action="store_true")
     return p.parse_args()
 
@@ -130,8 +134,10 @@ def main() -> None:
     requests = workload(loaded, tasks, args.requests)
     print(f"model {loaded.name}, {loaded.dtype}, {torch.get_num_threads()} threads; {args.requests} requests "
           f"{args.interval} s apart, prompts 32-768, new 16-128, 16 tasks x 20 virtual tokens", flush=True)
-    engines = {"slots": make_engine(loaded, store, args, max_batch_size=32, prefill_chunk_tokens=args.chunk),
-               "legacy": make_engine(loaded, store, args, legacy=True, max_batch_size=32)}
+    engines = {f"slots r={r}": make_engine(loaded, store, args, max_batch_size=32, prefill_chunk_tokens=args.chunk,
+                                           max_stall_ratio=float(r)) for r in args.stall_ratios.split(",")}
+    if not args.skip_legacy:
+        engines["legacy"] = make_engine(loaded, store, args, legacy=True, max_batch_size=32)
     rounds = {k: [] for k in engines}
     for round_no in range(args.rounds):
         for key in (list(engines) if round_no % 2 == 0 else list(engines)[::-1]):
@@ -140,15 +146,19 @@ def main() -> None:
                   flush=True)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rounds.items()}
     for key, figures in med.items():
-        print(f"{key:>6}: {figures['tokens_per_s']:.1f} tokens/s; TTFT p50 {figures['ttft_p50']:.3f} s "
+        print(f"{key:>10}: {figures['tokens_per_s']:.1f} tokens/s; TTFT p50 {figures['ttft_p50']:.3f} s "
               f"p99 {figures['ttft_p99']:.3f} s; inter-token p50 {1000 * figures['itl_p50']:.1f} ms "
               f"p99 {1000 * figures['itl_p99']:.1f} ms (p99/p50 {figures['itl_p99'] / figures['itl_p50']:.2f})")
-    ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(rounds["slots"], rounds["legacy"])]
-    print(f"tokens/s slots/legacy = {statistics.median(ratios):.2f} (per round {', '.join(f'{x:.2f}' for x in ratios)})")
+    first = next(iter(engines))
+    if "legacy" in rounds:
+        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(rounds[first], rounds["legacy"])]
+        print(f"tokens/s {first}/legacy = {statistics.median(ratios):.2f} "
+              f"(per round {', '.join(f'{x:.2f}' for x in ratios)})")
     if not args.skip_profile:
-        for key, engine in engines.items():
-            print(f"{key:>6}: {100 * copy_share(engine, requests, args.interval, key == 'legacy'):.1f} % of wall "
-                  f"time in cache copies (profiled round)", flush=True)
+        for key in (first, "legacy"):
+            if key in engines:
+                share = copy_share(engines[key], requests, args.interval, key == "legacy")
+                print(f"{key:>10}: {100 * share:.1f} % of wall time in cache copies (profiled round)", flush=True)
     for engine in engines.values():
         engine.stop(grace_s=1)
 

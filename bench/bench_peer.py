@@ -5,8 +5,10 @@
   P3  open-loop Poisson arrivals at 70% of the slower side's capacity, 16 tasks, 16 virtual tokens,
       32-768-token prompts, 16-128 new tokens, streamed: time to first token, inter-token p50/p99
 
-Both servers stay up; one is measured while the other idles (before each measurement the script waits until
-both servers and the machine are quiet, and warns if they are not), in rounds that alternate which goes first;
+Both servers stay up; one is measured while the other is paused (before each measurement the script waits until
+both servers and the machine are quiet, and warns if they are not; then it SIGSTOPs the other server's process
+group until the measurement ends: idle vLLM wakes ~1,300 times a second, which stalls the other side's OpenMP
+threads), in rounds that alternate which goes first;
 medians are reported. Each round sends new texts (same tasks and length ranges), so that no side serves a text
 it has seen. Greedy, ignore-EOS: both make exactly max_new tokens. "same" counts greedy outputs that
 are token-identical. Inter-token gaps are taken per token at the client: tokens that arrive in one burst (< 1 ms
@@ -26,6 +28,7 @@ import random
 import signal
 import statistics
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 
@@ -176,13 +179,17 @@ def start_servers(args: argparse.Namespace, dtype: str, model_dir: Path, work: P
 
 def measure(bench: Bench, w: Workload, name: str, arrivals: list[float] | None,
             key: str | int) -> tuple[dict, list[ps.Reply]]:
-    """One workload's request set `key` on one side, the other servers quiet: figures and replies."""
+    """One workload's request set `key` on one side, the other servers quiet, then paused: figures and
+    replies."""
     wait_quiet(list(bench.servers.values()))
     reqs = bench.requests[request_set(w.name, key)]
-    if arrivals is None:
-        replies, wall = asyncio.run(closed_loop(bench.sides[name], reqs))
-    else:
-        replies, wall = asyncio.run(open_loop(bench.sides[name], reqs, arrivals, bench.args.p3_max_s))
+    with ExitStack() as others:
+        for other in (s for n, s in bench.servers.items() if n != name):
+            others.enter_context(other.paused())
+        if arrivals is None:
+            replies, wall = asyncio.run(closed_loop(bench.sides[name], reqs))
+        else:
+            replies, wall = asyncio.run(open_loop(bench.sides[name], reqs, arrivals, bench.args.p3_max_s))
     return figures(replies, wall), replies
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "PROMPTSERVE_"
@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(128, ge=1, description="Most prompt tokens computed in one engine step; "
                                                              "longer prompts continue over the next steps "
                                                              "while running requests keep decoding")
+    max_stall_ratio: float = Field(0.0, ge=0, description="Keep a step that prefills while requests decode "
+                                                          "within this multiple of a decode-only step (chunks "
+                                                          "of 32 to --prefill-chunk-tokens, sized from measured "
+                                                          "step times): an evener stream, later first tokens "
+                                                          "under load; 0: always --prefill-chunk-tokens")
     idle_prefill_tokens: int = Field(2048, ge=1, description="Most prompt tokens computed in one step when "
                                                              "no request is decoding (no next token waits on "
                                                              "the step): a burst of requests starts at once")
@@ -89,6 +94,14 @@ class Settings(BaseSettings):
     replica_threads: int = Field(1, ge=1, description="torch threads in each replica")
     ray_address: str | None = Field(None, description="Ray cluster to join (e.g. 'auto' or ray://host:10001); "
                                     "none: start a local one")
+
+    @field_validator("max_stall_ratio")
+    @classmethod
+    def _stall_ratio_above_one(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError("must be 0 (off) or above 1: a step that prefills is never shorter than one that "
+                             "only decodes")
+        return value
 
     def model_name(self) -> str:
         """The name the bare model answers to (OpenAI `model`, /v1/models)."""

@@ -72,6 +72,7 @@ def engine_config(settings: Settings, loaded: Any):
                         max_input_tokens=settings.max_input_tokens, max_new_tokens=settings.max_new_tokens,
                         max_total_tokens=max_total, kv_cache_memory=settings.kv_cache_memory,
                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
-                        idle_prefill_tokens=settings.idle_prefill_tokens, burst_wait_s=settings.burst_wait_ms / 1e3,
+                        max_stall_ratio=settings.max_stall_ratio, idle_prefill_tokens=settings.idle_prefill_tokens,
+                        burst_wait_s=settings.burst_wait_ms / 1e3,
                         prefix_cache_bytes=settings.prefix_cache_bytes, compile=settings.compile,
                         prepack_weights=settings.prepack_weights)

@@ -18,6 +18,9 @@ class EngineConfig:
     # Slot engine (causal models): prompt tokens computed in one step; longer prompts continue next step.
     prefill_chunk_tokens: int = 128  # the server's default too (--prefill-chunk-tokens)
     idle_prefill_tokens: int = 2048  # the same, in a step where no request is decoding (no next token waits)
+    # A step that prefills while rows decode takes at most this multiple of a decode-only step (estimated
+    # from recent steps; prefill_chunk_tokens stays the ceiling); 0 (default): always prefill_chunk_tokens.
+    max_stall_ratio: float = 0.0
     # KV memory: bytes (> 1), or a fraction of the device's free memory (0 < x <= 1); None: enough for
     # max_batch_size full contexts, within half the free memory.
     kv_cache_memory: float | None = None
@@ -38,6 +41,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("EngineConfig.kv_cache_memory must be > 0 (bytes, or a fraction <= 1)")
+        if self.max_stall_ratio < 0 or 0 < self.max_stall_ratio <= 1:
+            raise ValueError("EngineConfig.max_stall_ratio must be 0 (off) or > 1")
         if self.burst_wait_s < 0:
             raise ValueError("EngineConfig.burst_wait_s must be >= 0")
         if self.prefix_cache_bytes < 0:

@@ -2,11 +2,12 @@
 
 Each step: drop cancelled requests; admit waiting ones while KV slots are free (memory-bounded: a
 request's slot holds its whole context, so it can never run out); plan the step, every decoding row's
-next token plus prompt chunks up to `prefill_chunk_tokens` (chunked prefill: a long prompt spreads over
-steps while the running rows keep decoding; when no row is decoding, up to `idle_prefill_tokens`); run it
-as one packed forward; sample the rows whose context is complete; emit. A request of a task whose
-virtual-token KV is cached starts from a copy of it; while the first request of a task computes it, the task's other requests wait in the queue (others pass them).
-A failing forward is retried on halves of its chunks until the culprit fails alone.
+next token plus prompt chunks within the ChunkBudget (chunked prefill: a long prompt spreads over steps
+while the running rows keep decoding, each such step kept within `max_stall_ratio` of a decode-only
+one; when no row is decoding, up to `idle_prefill_tokens`); run it as one packed forward; sample the rows
+whose context is complete; emit. A request of a task whose virtual-token KV is cached starts from a copy
+of it; while the first request of a task computes it, the task's other requests wait in the queue
+(others pass them). A failing forward is retried on halves of its chunks until the culprit fails alone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from server.engine import step_plan
+from server.engine.chunk_budget import ChunkBudget
 from server.engine.config import EngineConfig
 from server.engine.kv_pool import KVPool
 from server.engine.prefix_cache import PrefixCache
@@ -38,8 +40,7 @@ class SlotWorker(WorkerBase):
         runner.attach(pool)
         self._pool = pool
         self._prefixes = prefixes
-        self._chunk_tokens = config.prefill_chunk_tokens
-        self._idle_tokens = max(config.idle_prefill_tokens, config.prefill_chunk_tokens)
+        self._budget = ChunkBudget(config.prefill_chunk_tokens, config.idle_prefill_tokens, config.max_stall_ratio)
         self._owners: list[Sequence | None] = [None] * pool.num_slots
         self._generators: dict[int, torch.Generator] = {}
         self._computing: dict[tuple[str, str], Sequence] = {}  # task's prefix -> the request computing it
@@ -97,8 +98,7 @@ class SlotWorker(WorkerBase):
         # While rows decode, a chunk delays their next token, so it is kept short. When none does, nobody
         # waits on the step: one large prefill then starts every waiting request at once (with short chunks,
         # a burst of requests would join over many steps and finish over as many, at smaller batches).
-        is_decoding = any(seq.generated for seq in running)
-        chunks, budget = [], self._chunk_tokens if is_decoding else self._idle_tokens
+        chunks, budget = [], self._budget.tokens(is_decoding=any(seq.generated for seq in running))
         for seq in running:
             remaining = seq.num_context_tokens - seq.num_cached
             if seq.generated:
@@ -111,6 +111,7 @@ class SlotWorker(WorkerBase):
 
     # -- the forward --------------------------------------------------------------------------
     def _run(self, chunks: list[Chunk]) -> None:
+        started = time.perf_counter()
         try:
             logits = self._runner.forward(chunks)
         except Exception as exc:  # noqa: BLE001 - any model error: isolate the culprit by halving
@@ -121,6 +122,8 @@ class SlotWorker(WorkerBase):
             self._run(chunks[:mid])
             self._run([c for c in chunks[mid:] if not c.seq.is_finished])
             return
+        num_decode = sum(c.is_decode for c in chunks)
+        self._budget.record(time.perf_counter() - started, num_decode, sum(c.num_tokens for c in chunks) - num_decode)
         sampling = [c.seq for c in chunks if c.is_sampling]
         for chunk in chunks:
             chunk.seq.num_cached = chunk.end

@@ -245,3 +245,26 @@ def test_a_burst_arriving_at_an_idle_engine_starts_in_one_step(make_engine):
     assert [r.generated_tokens for r in results] == [3, 3, 3, 3]
     assert engine.stats().num_steps == 3
 
+
+
+def test_with_a_stall_ratio_prefill_chunks_shrink_while_rows_decode(make_engine):
+    # Chunks sized from measured step times: a long prompt arriving beside decoding rows comes in more, and
+    # smaller, pieces than the 128-token ceiling; outputs stay those of the fixed chunk.
+    fixed, adaptive = make_engine(burst_wait_s=0), make_engine(burst_wait_s=0, max_stall_ratio=1.5)
+    outputs, chunks = {}, {}
+    for name, engine in (("fixed", fixed), ("adaptive", adaptive)):
+        sizes = []
+        forward = engine._worker.runner.forward  # noqa: SLF001 - counts the prompt tokens of each step
+        engine._worker.runner.forward = lambda cs, f=forward, s=sizes: (
+            s.append(sum(c.num_tokens for c in cs if not c.is_decode)), f(cs))[1]
+
+        async def long_beside_decoding(engine=engine):
+            first = await engine.submit(TEXTS[1], task_id="x", params=greedy(300, ignore_eos=True))
+            for _ in range(20):  # decoding now, with step times measured
+                await anext(first)
+            second = await engine.submit(" ".join(TEXTS * 5), task_id="y", params=greedy(2, ignore_eos=True))
+            return [(await first.result()).token_ids, (await second.result()).token_ids]
+
+        outputs[name], chunks[name] = run(long_beside_decoding()), sizes
+    assert outputs["adaptive"] == outputs["fixed"]
+    assert max(chunks["adaptive"][1:]) < 128 <= max(chunks["fixed"][1:])
