@@ -30,12 +30,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Python (a bare Debian base gets it from apt; python:*-slim has it), g++ (torch.compile generates C++ for
 # the CPU and the engine builds its decode kernel at start; without it the engine runs eagerly, on SDPA),
+# tcmalloc where the distribution has it (preloaded by `promptserve serve`: faster steps on the CPU),
 # a virtual environment, and the non-root user. /prompts (the task store, usually a volume) must be
 # writable by that user; /cache (the demo model) is world-writable so that `docker run --user UID:GID`
 # works too.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
         $(python3 -c "import venv, ensurepip" 2>/dev/null || echo python3 python3-venv python3-pip python3-dev ca-certificates) \
+    && (apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
+        || apt-get install -y --no-install-recommends libtcmalloc-minimal4t64 || true) \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && useradd --create-home --uid "${APP_UID}" --shell /usr/sbin/nologin promptserve \

@@ -7,9 +7,9 @@ Run: python bench/bench_memory.py [--requests 10000] [--hidden 512 --layers 8]
 
 from __future__ import annotations
 
-from server.openmp import reexec_with_intel_openmp
+from server.preloads import reexec_with_preloads
 
-reexec_with_intel_openmp()  # before torch loads, as `promptserve serve` does (server/openmp.py)
+reexec_with_preloads()  # before torch loads, as `promptserve serve` does (server/preloads.py)
 
 import argparse
 import asyncio

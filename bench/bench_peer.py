@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vllm-python", default=os.environ.get("PROMPTSERVE_VLLM_PYTHON"),
                    help="python of vLLM's venv (env PROMPTSERVE_VLLM_PYTHON); none: promptserve only")
     p.add_argument("--tcmalloc", default=TCMALLOC_DEFAULT if Path(TCMALLOC_DEFAULT).exists() else None,
-                   help="libtcmalloc_minimal.so.4 to preload into vLLM (CPU)")
+                   help="libtcmalloc_minimal.so.4 to preload into both servers (CPU)")
     p.add_argument("--promptserve-args", default="", help="extra flags for `promptserve serve`")
     p.add_argument("--vllm-args", default="", help="extra flags for vLLM's api_server")
     p.add_argument("--model-dir", type=Path, default=None, help="model folder (built there if missing)")
@@ -155,7 +155,8 @@ def start_servers(args: argparse.Namespace, dtype: str, model_dir: Path, work: P
     why) if it fails. The clients by side name, and notes."""
     sides, notes = {}, {"startup_s": {}}
     servers["promptserve"] = ps.start_promptserve(model_dir, work / "store", dtype, args.device,
-                                                  args.promptserve_args, work / f"promptserve-{dtype}.log")
+                                                  args.promptserve_args, work / f"promptserve-{dtype}.log",
+                                                  args.tcmalloc)
     if not args.vllm_python or not Path(args.vllm_python).exists():
         print(f"vLLM: no python at {args.vllm_python!r} (--vllm-python / PROMPTSERVE_VLLM_PYTHON): "
               "promptserve figures only", flush=True)

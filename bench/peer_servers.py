@@ -193,13 +193,16 @@ class ServerProcess:
         return self.proc.poll() is not None and not _group_stats(self.proc.pid)
 
 
-def start_promptserve(model_dir: Path, store: Path, dtype: str, device: str, extra: str, log: Path) -> ServerProcess:
-    """`promptserve serve` on a free port (same interpreter as this script)."""
+def start_promptserve(model_dir: Path, store: Path, dtype: str, device: str, extra: str, log: Path,
+                      tcmalloc: str | None = None) -> ServerProcess:
+    """`promptserve serve` on a free port (same interpreter as this script), preloading `tcmalloc` when
+    given (as vLLM's side does; without it the server still takes the system's, if any)."""
     port = free_port()
     exe = Path(sys.executable).with_name("promptserve")
     cmd = [str(exe), "serve", "--model", str(model_dir), "--store", str(store), "--port", str(port),
            "--dtype", dtype, "--device", device, "--log-level", "warning", *shlex.split(extra)]
-    return ServerProcess("promptserve", cmd, dict(os.environ), log, port, "/ready")
+    env = {**os.environ, **({"PROMPTSERVE_TCMALLOC": tcmalloc} if tcmalloc else {})}
+    return ServerProcess("promptserve", cmd, env, log, port, "/ready")
 
 
 def vllm_env(python: str, tcmalloc: str | None, device: str) -> dict[str, str]:

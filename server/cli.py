@@ -53,9 +53,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def serve(args: argparse.Namespace) -> int:
     """Start uvicorn with the app (the model loads in the app's lifespan); SIGTERM drains, then exit 0."""
-    from server.openmp import reexec_with_intel_openmp
+    from server.preloads import reexec_with_preloads
 
-    reexec_with_intel_openmp()  # before torch loads: the engine thread's kernels run twice as fast
+    reexec_with_preloads()  # before torch loads: Intel's OpenMP (2x on the engine thread), tcmalloc if present
     import uvicorn
 
     from server.app import create_app

@@ -12,7 +12,7 @@ import httpx
 from live_server_util import free_port, wait_for_process
 
 from server.cli import main
-from server.openmp import intel_openmp_library
+from server.preloads import intel_openmp_library
 
 ISSUE_FLAGS = ("--model", "--store", "--host", "--port", "--device", "--dtype", "--max-batch-size", "--max-queue",
                "--max-input-tokens", "--max-new-tokens", "--api-keys")
@@ -50,7 +50,7 @@ def test_serve_demo_model_subprocess(tmp_path):
         r = httpx.post(url + "/generate", json={"task_id": "demo-poet", "inputs": "The sea",
                                                 "parameters": {"max_new_tokens": 4}}, timeout=60)
         assert r.status_code == 200 and r.json()["details"]["virtual_tokens"] == 8
-        # The same pid re-executed itself with Intel's OpenMP preloaded (server/openmp.py), when installed.
+        # The same pid re-executed itself with Intel's OpenMP preloaded (server/preloads.py), when installed.
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
         assert (intel_openmp_library() is None) or str(intel_openmp_library()) in maps
     finally:
