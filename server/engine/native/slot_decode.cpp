@@ -130,7 +130,8 @@ inline void prefetch(const void* p, int64_t bytes) {
 
 // NV = head_dim / 16 vectors per head row, known at compile time so that a row stays in registers.
 template <typename T, int NV>
-void attend_vector(const Work<T, float>& job, const float* q, std::vector<float>& scores) {
+void attend_vector(const Work<T, float>& job, const float* q, std::vector<float>& scores,
+                   std::vector<float>& inverse) {
   constexpr int64_t kAhead = 8;  // columns prefetched ahead (4 to 64 measured alike)
   constexpr int64_t kRowBytes = NV * 16 * sizeof(T);
   const int64_t length = job.length, group = job.group, d = NV * 16;
@@ -148,7 +149,7 @@ void attend_vector(const Work<T, float>& job, const float* q, std::vector<float>
       scores[g * padded + w] = _mm512_reduce_add_ps(s);
     }
   }
-  std::vector<float> inverse(group);
+  inverse.resize(group);  // 1 / each query head's softmax denominator
   for (int64_t g = 0; g < group; ++g) {
     float* sg = scores.data() + g * padded;
     const __mmask16 tail = __mmask16((1u << (length & 15)) - 1u);
@@ -182,10 +183,11 @@ void attend_vector(const Work<T, float>& job, const float* q, std::vector<float>
 }
 
 template <typename T>
-bool attend_fast(const Work<T, float>& job, const float* q, std::vector<float>& scores) {
+bool attend_fast(const Work<T, float>& job, const float* q, std::vector<float>& scores,
+                 std::vector<float>& scratch) {
   switch (job.head_dim) {
 #define HEAD_DIM_CASE(NV) \
-  case 16 * NV: attend_vector<T, NV>(job, q, scores); return true;
+  case 16 * NV: attend_vector<T, NV>(job, q, scores, scratch); return true;
     HEAD_DIM_CASE(1) HEAD_DIM_CASE(2) HEAD_DIM_CASE(3) HEAD_DIM_CASE(4) HEAD_DIM_CASE(5) HEAD_DIM_CASE(6)
     HEAD_DIM_CASE(7) HEAD_DIM_CASE(8) HEAD_DIM_CASE(10) HEAD_DIM_CASE(12) HEAD_DIM_CASE(16)
 #undef HEAD_DIM_CASE
@@ -195,7 +197,7 @@ bool attend_fast(const Work<T, float>& job, const float* q, std::vector<float>& 
 #endif
 
 template <typename T, typename Acc>
-bool attend_fast(const Work<T, Acc>&, const Acc*, std::vector<Acc>&) { return false; }
+bool attend_fast(const Work<T, Acc>&, const Acc*, std::vector<Acc>&, std::vector<Acc>&) { return false; }
 
 template <typename T, typename Acc>
 void slot_decode(const T* query, Strides qs, const T* new_keys, const T* new_values, Strides ns,
@@ -233,7 +235,7 @@ void slot_decode(const T* query, Strides qs, const T* new_keys, const T* new_val
         const T* qr = query + r * qs.a + (h * group + g) * qs.b;
         for (int64_t i = 0; i < head_dim; ++i) q[g * head_dim + i] = Acc(load(qr[i])) * Acc(scale);
       }
-      if (!attend_fast(job, q.data(), scores)) attend_scalar(job, q.data(), scores, acc);
+      if (!attend_fast(job, q.data(), scores, acc)) attend_scalar(job, q.data(), scores, acc);
     }
   }
 }
