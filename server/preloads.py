@@ -25,6 +25,8 @@ LIBRARY = "libiomp5.so"
 OPT_OUT = "PROMPTSERVE_NO_IOMP"
 TCMALLOC = "libtcmalloc_minimal.so.4"
 TCMALLOC_ENV = "PROMPTSERVE_TCMALLOC"  # a path to the library, or 0 for none
+# tcmalloc prints a warning for every allocation above this (1 GiB by default), which a KV pool's layer is.
+QUIET_TCMALLOC = "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"
 SYSTEM_LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                        "/usr/local/lib")
 
@@ -57,7 +59,8 @@ def preload_env(environ: dict[str, str]) -> dict[str, str] | None:
     missing = [str(lib) for lib in wanted if lib is not None and str(lib) not in preloaded]
     if not missing:
         return None
-    return {**environ, "LD_PRELOAD": ":".join([*missing, *preloaded])}
+    quiet = {QUIET_TCMALLOC: str(1 << 40)} if wanted[0] is not None else {}  # the KV pool is one big alloc
+    return {**quiet, **environ, "LD_PRELOAD": ":".join([*missing, *preloaded])}
 
 
 def reexec_with_preloads() -> None:

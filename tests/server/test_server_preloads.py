@@ -51,6 +51,7 @@ def test_tcmalloc_named_by_the_environment_is_preloaded_with_openmp(library, tcm
     env = preloads.preload_env({preloads.TCMALLOC_ENV: str(tcmalloc)})
     assert env[preloads.TCMALLOC_ENV] == str(tcmalloc)
     assert env["LD_PRELOAD"] == f"{tcmalloc}:{library}"
+    assert int(env[preloads.QUIET_TCMALLOC]) >= 1 << 40  # no warning for each large allocation
     assert preloads.preload_env(env) is None  # both in place: no second re-exec
 
 
