@@ -17,7 +17,7 @@ from server.engine import native_decode, packed_linear, validation
 from server.engine.config import EngineConfig
 from server.engine.errors import EngineStopped, QueueFull
 from server.engine.faults import FaultInjector
-from server.engine.kv_budget import size_pool
+from server.engine.kv_budget import free_memory, size_pool
 from server.engine.kv_pool import KVPool
 from server.engine.model_loader import LoadedModel
 from server.engine.outbox import Outbox
@@ -33,6 +33,16 @@ from server.engine.worker import LogitsTap, Worker
 from server.engine.worker_slots import SlotWorker
 
 log = logging.getLogger(__name__)
+
+
+def _prepack(model: Any) -> None:
+    """Keep the model's linear weights in oneDNN's layout too, when that copy fits in memory."""
+    packed = packed_linear.pack_within(model, free_memory(torch.device("cpu")))
+    if packed is None:
+        log.warning("linear weights not prepacked: their copy (%.0f MiB) would take more than half the free "
+                    "memory", packed_linear.linear_bytes(model) / 2**20)
+    else:
+        log.info("linear weights prepacked for oneDNN: %.1f MiB more", packed / 2**20)
 
 
 class Engine:
@@ -65,7 +75,7 @@ class Engine:
             runner_type = Seq2SeqRunner if self.loaded.is_encoder_decoder else ModelRunner
             return Worker(runner_type(model, self.fault_injector), self._scheduler, release, self._outbox.flush)
         if config.prepack_weights and packed_linear.can_pack(model):
-            log.info("linear weights prepacked for oneDNN: %.1f MiB more", packed_linear.pack(model) / 2**20)
+            _prepack(model)
         max_context = config.max_total_tokens
         if self.loaded.max_positions is not None:
             max_context = min(max_context, self.loaded.max_positions)

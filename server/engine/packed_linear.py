@@ -5,7 +5,7 @@ Measured on the benchmark's 8-layer 512-wide Llama (2-core Xeon with AMX), a dec
 about a third less time in its matrix products: bfloat16 at every row count, float32 from about 16 rows
 (below that, float32 keeps `aten::linear`, which is faster there). The cost is a second copy of every linear
 weight: the originals stay, for anything that runs the model outside the engine's step (the probe, PEFT
-comparisons, training with gradients).
+comparisons, training with gradients). The engine packs only when the copies fit in half the free memory.
 
 Stock transformers modules are kept: each `nn.Linear` becomes a `PackedLinear` (its class only; weights,
 hooks and state dict unchanged). The product is one opaque custom op, so a compiled step calls it as it is.
@@ -22,6 +22,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16)
+MAX_FREE_FRACTION = 0.5  # the packed copies may take at most this share of the free memory (KV comes after)
 # float32 rows below which the plain product is faster than the packed one (measured: equal at ~16).
 MIN_FLOAT32_ROWS = 16
 
@@ -43,14 +44,25 @@ def can_pack(model: nn.Module) -> bool:
     return weight.device.type == "cpu" and weight.dtype in DTYPES and torch.backends.mkldnn.is_available()
 
 
+def linear_bytes(model: nn.Module) -> int:
+    """What `pack` would add: the bytes of every plain `nn.Linear` weight it covers."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in _packable(model))
+
+
+def pack_within(model: nn.Module, free_bytes: int) -> int | None:
+    """`pack(model)` when the copies fit in MAX_FREE_FRACTION of `free_bytes`; None (nothing packed) if not."""
+    if linear_bytes(model) > MAX_FREE_FRACTION * free_bytes:
+        return None
+    return pack(model)
+
+
 def pack(model: nn.Module) -> int:
     """Turn every `nn.Linear` of `model` into a `PackedLinear`; returns the bytes the packed copies take."""
     num_bytes = 0
-    for module in model.modules():
-        if type(module) is nn.Linear and module.weight.dtype in DTYPES:
-            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
-            module.__class__ = PackedLinear
-            num_bytes += module.weight.numel() * module.weight.element_size()
+    for module in _packable(model):
+        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
+        module.__class__ = PackedLinear
+        num_bytes += module.weight.numel() * module.weight.element_size()
     return num_bytes
 
 
@@ -60,6 +72,10 @@ def unpack(model: nn.Module) -> None:
         if type(module) is PackedLinear:
             module.__class__ = nn.Linear
             del module.packed_weight
+
+
+def _packable(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype in DTYPES]
 
 
 @torch.library.custom_op("promptserve::packed_linear", mutates_args=())

@@ -77,3 +77,13 @@ def test_float64_and_other_devices_are_left_alone():
     assert type(model[0]) is nn.Linear
     x = torch.randn(2, 64, dtype=torch.float64)
     assert torch.equal(model(x), F.linear(F.gelu(F.linear(x, model[0].weight, model[0].bias)), model[2].weight))
+
+
+def test_nothing_is_packed_when_the_copies_would_not_fit_in_half_the_free_memory():
+    model = _model(torch.float32)
+    needed = packed_linear.linear_bytes(model)
+    assert needed == (64 * 96 + 96 * 64) * 4
+    assert packed_linear.pack_within(model, free_bytes=2 * needed - 1) is None
+    assert type(model[0]) is nn.Linear
+    assert packed_linear.pack_within(model, free_bytes=2 * needed) == needed
+    assert type(model[0]) is packed_linear.PackedLinear
