@@ -2,8 +2,8 @@
 layout, so that a step's matrix products skip the per-call packing that `aten::linear` does.
 
 Measured on the benchmark's 8-layer 512-wide Llama (2-core Xeon with AMX), a decode step of 32 rows spends
-about a third less time in its matrix products: bfloat16 at every row count, float32 from about 16 rows
-(below that, float32 keeps `aten::linear`, which is faster there). The cost is a second copy of every linear
+a third less time in its matrix products in bfloat16 (at every row count) and a fifth less in float32 (from
+about 16 rows; below that, float32 keeps `aten::linear`, which is faster there). The cost is a second copy of every linear
 weight: the originals stay, for anything that runs the model outside the engine's step (the probe, PEFT
 comparisons, training with gradients). The engine packs only when the copies fit in half the free memory.
 
@@ -13,13 +13,9 @@ hooks and state dict unchanged). The product is one opaque custom op, so a compi
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_FREE_FRACTION = 0.5  # the packed copies may take at most this share of the free memory (KV comes after)
