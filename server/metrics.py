@@ -46,13 +46,11 @@ class Metrics:
         self.affinity = Counter("promptserve_affinity_requests", "Requests for a task that reached a replica "
                                 "already holding it (hit) or not (miss); only with --replicas", ["result"],
                                 registry=r)
-        self.num_affinity_misses = 0
         r.register(_LiveCollector(engine_stats, store_stats))
 
     def observe_affinity(self, *, is_hit: bool) -> None:
         """A task's request reached this replica (scale-out): count a hit or a miss."""
         self.affinity.labels(result="hit" if is_hit else "miss").inc()
-        self.num_affinity_misses += not is_hit
 
     def task_label(self, task_id: str | None) -> str:
         """The label for a task, capping the number of distinct labels."""

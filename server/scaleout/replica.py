@@ -27,6 +27,7 @@ class EngineReplica:
         await self._until_loaded()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.metrics = self.app.state.metrics
+        self._num_holds = 0  # tasks Ray has had this replica take up (each an affinity miss)
 
     async def _until_loaded(self) -> None:
         import asyncio
@@ -46,17 +47,16 @@ class EngineReplica:
     @serve.multiplexed(max_num_models_per_replica=1024)
     async def _hold(self, task_id: str) -> str:
         """Called by Ray only when this replica does not hold the task yet: an affinity miss."""
-        self.metrics.observe_affinity(is_hit=False)
+        self._num_holds += 1
         return task_id
 
     async def handle(self, record: RequestRecord):
         """Forward one request through this replica's app; yields ResponseStart, then body chunks."""
         task_id = serve.get_multiplexed_model_id()
         if task_id:
-            misses = self.metrics.num_affinity_misses
+            num_holds = self._num_holds
             await self._hold(task_id)
-            if self.metrics.num_affinity_misses == misses:
-                self.metrics.observe_affinity(is_hit=True)
+            self.metrics.observe_affinity(is_hit=self._num_holds == num_holds)
         async for part in forward(self.app, record):
             if isinstance(part, ResponseStart):
                 part.headers.append((REPLICA_HEADER, self.replica_id.encode()))
