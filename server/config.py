@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     replica_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica")
     replica_num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each replica (0 on CPU)")
     replica_threads: int = Field(1, ge=1, description="torch threads in each replica")
+    route_imbalance: int = Field(2, ge=0, description="A task's requests go to a replica holding it unless that "
+                                 "replica has more than this many requests in flight above the least loaded one")
     ray_address: str | None = Field(None, description="Ray cluster to join (e.g. 'auto' or ray://host:10001); "
                                     "none: start a local one")
 

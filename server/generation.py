@@ -14,6 +14,10 @@ from server.auth import Tenant
 from server.engine.types import GenerationResult, SamplingParams, TokenEvent
 from server.errors import ApiError
 
+# An ASGI server may put a callable under this key of the scope's "extensions": it is called once the
+# engine admits the request (the scale-out replica tells its ingress that a retry is no longer safe).
+ENGINE_START_EXTENSION = "promptserve.engine_start"
+
 
 @dataclass(frozen=True)
 class GenerationCall:
@@ -81,6 +85,9 @@ async def submit(request: Request, tenant: Tenant, call: GenerationCall) -> Gene
     runtime = get_runtime(request)
     stream = await runtime.engine.submit(call.inputs, task_id=call.task_id, params=call.params,
                                          request_id=getattr(request.state, "request_id", None))
+    on_start = (request.scope.get("extensions") or {}).get(ENGINE_START_EXTENSION)
+    if on_start is not None:
+        stream.when_started(on_start)
     return Generation(request, stream)
 
 

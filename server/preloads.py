@@ -50,17 +50,26 @@ def tcmalloc_library(environ: dict[str, str], search: tuple[str, ...] = SYSTEM_L
     return next((Path(d) / TCMALLOC for d in search if (Path(d) / TCMALLOC).is_file()), None)
 
 
-def preload_env(environ: dict[str, str]) -> dict[str, str] | None:
-    """The environment to re-execute with, or None when there is nothing to do."""
+def preload_vars(environ: dict[str, str]) -> dict[str, str]:
+    """The variables that add what `environ` lacks of the preloads ({} when nothing is missing). Ray Serve
+    starts each replica's process with them."""
     if not sys.platform.startswith("linux"):
-        return None
+        return {}
     wanted = [tcmalloc_library(environ), None if environ.get(OPT_OUT) else intel_openmp_library()]
     preloaded = [p for p in environ.get("LD_PRELOAD", "").split(":") if p]
     missing = [str(lib) for lib in wanted if lib is not None and str(lib) not in preloaded]
     if not missing:
-        return None
+        return {}
     quiet = {QUIET_TCMALLOC: str(1 << 40)} if wanted[0] is not None else {}  # the KV pool is one big alloc
-    return {**quiet, **environ, "LD_PRELOAD": ":".join([*missing, *preloaded])}
+    return {**quiet, "LD_PRELOAD": ":".join([*missing, *preloaded])}
+
+
+def preload_env(environ: dict[str, str]) -> dict[str, str] | None:
+    """The environment to re-execute with, or None when there is nothing to do."""
+    extra = preload_vars(environ)
+    if not extra:
+        return None
+    return {**extra, **environ, "LD_PRELOAD": extra["LD_PRELOAD"]}  # a threshold the user set stays
 
 
 def reexec_with_preloads() -> None:

@@ -32,6 +32,9 @@ class Status(Enum):
 class Sink(Protocol):
     """Where a sequence's output goes (RequestStream implements it; called from the worker thread)."""
 
+    def on_start(self) -> None:
+        """The engine admitted the request: its prefill has begun."""
+
     def on_token(self, event: TokenEvent) -> None:
         """A token was generated."""
 

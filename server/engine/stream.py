@@ -26,8 +26,13 @@ class RequestStream:
         self._result: asyncio.Future = loop.create_future()
         self._result.add_done_callback(_mark_retrieved)
         self._cancel: Callable[[], None] = lambda: None
+        self._start_listeners: list[Callable[[], None]] | None = []  # None once started
 
     # -- called from the worker thread (the Sink protocol) --------------------------------------
+    def on_start(self) -> None:
+        """The engine admitted the request."""
+        self._post(self._started)
+
     def on_token(self, event: TokenEvent) -> None:
         """Queue one token event for the caller."""
         self._post(self._queue.put_nowait, event)
@@ -42,6 +47,11 @@ class RequestStream:
 
     def _post(self, fn, *args) -> None:
         self._outbox.post(self._loop, partial(fn, *args))
+
+    def _started(self) -> None:
+        listeners, self._start_listeners = self._start_listeners or [], None
+        for listener in listeners:
+            listener()
 
     def _settle(self, result: GenerationResult | None, error: BaseException | None) -> None:
         if self._result.done():
@@ -66,6 +76,13 @@ class RequestStream:
             self._queue.put_nowait(item)
             raise item
         return item
+
+    def when_started(self, listener: Callable[[], None]) -> None:
+        """Call `listener` on the event loop once the engine admits the request (at once if it has)."""
+        if self._start_listeners is None:
+            listener()
+        else:
+            self._start_listeners.append(listener)
 
     async def result(self) -> GenerationResult:
         """The final result (raises RequestFailed / EngineStopped if the request failed)."""

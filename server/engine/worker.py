@@ -37,7 +37,7 @@ class Worker(WorkerBase):
         if newcomers:
             now = time.monotonic()
             for seq in newcomers:
-                seq.admitted_at = now
+                self._mark_admitted(seq, now)
             fresh = self._prefill(newcomers)
             self._flush()  # first tokens out before the decode: time to first token
             self.batch = _merge(self.batch, fresh)

@@ -72,6 +72,11 @@ class WorkerBase:
                 keep.append(row)
         return out.token_ids, keep
 
+    @staticmethod
+    def _mark_admitted(seq: Sequence, now: float) -> None:
+        seq.admitted_at = now
+        seq.sink.on_start()
+
     def _end_cancelled(self, cancelled: list[Sequence]) -> None:
         for seq in cancelled:
             seq.cancel()

@@ -79,7 +79,7 @@ class SlotWorker(WorkerBase):
         return True
 
     def _place(self, seq: Sequence) -> None:
-        seq.admitted_at = time.monotonic()
+        self._mark_admitted(seq, time.monotonic())
         seq.slot = self._pool.allocate()
         self._owners[seq.slot] = seq
         if seq.params.do_sample:

@@ -2,7 +2,8 @@
 
 A replica runs the full promptserve app (every route, auth, error, SSE) and the ingress forwards requests
 to it as plain records. httpx's ASGI transport would buffer a whole response (no SSE), so this drives the
-app directly: the first part is the status and headers, then each body chunk as the app sends it.
+app directly: the parts are the status and headers, then each body chunk as the app sends it, and, in
+between, EngineStarted when the engine admits the request (before it, a retry elsewhere is safe).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+
+from server.generation import ENGINE_START_EXTENSION
 
 
 @dataclass
@@ -34,12 +37,27 @@ class ResponseStart:
     headers: list[tuple[bytes, bytes]]
 
 
-async def forward(app: Any, record: RequestRecord) -> AsyncIterator[ResponseStart | bytes]:
-    """Run `record` through `app`; yields ResponseStart, then body chunks as they are sent."""
+@dataclass
+class EngineStarted:
+    """The engine has admitted the request (sent at most once, before or among the body chunks)."""
+
+
+async def forward(app: Any, record: RequestRecord) -> AsyncIterator[ResponseStart | EngineStarted | bytes]:
+    """Run `record` through `app`; yields ResponseStart, then body chunks as they are sent, with
+    EngineStarted where the engine admitted the request."""
+    parts: asyncio.Queue = asyncio.Queue()
+    is_started = False
+
+    def on_engine_start() -> None:
+        nonlocal is_started
+        if not is_started:  # once, even for several completions (OpenAI n)
+            is_started = True
+            parts.put_nowait({"type": "promptserve.engine_start"})
+
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": record.method,
              "scheme": "http", "path": record.path, "raw_path": record.path.encode(), "query_string": record.query,
-             "headers": record.headers, "client": record.client, "server": ("127.0.0.1", 0), "root_path": ""}
-    parts: asyncio.Queue = asyncio.Queue()
+             "headers": record.headers, "client": record.client, "server": ("127.0.0.1", 0), "root_path": "",
+             "extensions": {ENGINE_START_EXTENSION: on_engine_start}}
     body_sent = False
     disconnected = asyncio.Event()
 
@@ -63,7 +81,9 @@ async def forward(app: Any, record: RequestRecord) -> AsyncIterator[ResponseStar
     task = asyncio.create_task(run())
     try:
         while (message := await parts.get()) is not None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "promptserve.engine_start":
+                yield EngineStarted()
+            elif message["type"] == "http.response.start":
                 yield ResponseStart(message["status"], list(message.get("headers", [])))
             elif message["type"] == "http.response.body" and message.get("body"):
                 yield message["body"]

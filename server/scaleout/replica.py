@@ -7,14 +7,15 @@ from __future__ import annotations
 from ray import serve
 
 from server.scaleout.asgi_bridge import RequestRecord, ResponseStart, forward
+from server.scaleout.task_router import TARGET_PREFIX
 
 REPLICA_HEADER = b"x-promptserve-replica"
 
 
 class EngineReplica:
-    """Deployed by launch.py with `serve.deployment(...)`; `handle` streams one forwarded request."""
+    """Deployed by application.py with `serve.deployment(...)`; `handle` streams one forwarded request."""
 
-    async def __init__(self, settings_values: dict, torch_threads: int):
+    async def __init__(self, settings_values: dict, torch_threads: int, directory):
         import torch
 
         from server.app import create_app
@@ -28,6 +29,8 @@ class EngineReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.metrics = self.app.state.metrics
         self._num_holds = 0  # tasks Ray has had this replica take up (each an affinity miss)
+        self._directory = directory  # DeploymentHandle of ReplicaDirectory
+        await self._directory.report.remote(self.replica_id)
 
     async def _until_loaded(self) -> None:
         import asyncio
@@ -39,10 +42,11 @@ class EngineReplica:
             raise RuntimeError(f"the replica could not load the model: {state.load_error}")
 
     async def check_health(self) -> None:
-        """Ray restarts a replica whose engine thread has died."""
+        """Ray restarts a replica whose engine thread has died. A healthy one reports itself alive."""
         runtime = self.app.state.runtime
         if runtime is None or not runtime.engine.is_alive():
             raise RuntimeError("the engine is not running")
+        await self._directory.report.remote(self.replica_id)
 
     @serve.multiplexed(max_num_models_per_replica=1024)
     async def _hold(self, task_id: str) -> str:
@@ -53,7 +57,7 @@ class EngineReplica:
     async def handle(self, record: RequestRecord):
         """Forward one request through this replica's app; yields ResponseStart, then body chunks."""
         task_id = serve.get_multiplexed_model_id()
-        if task_id:
+        if task_id and not task_id.startswith(TARGET_PREFIX):
             num_holds = self._num_holds
             await self._hold(task_id)
             self.metrics.observe_affinity(is_hit=self._num_holds == num_holds)
@@ -65,4 +69,5 @@ class EngineReplica:
     async def __del__(self):
         """Ray stops the replica: drain like a single server on SIGTERM (running requests finish)."""
         self.app.state.is_draining = True
+        await self._directory.withdraw.remote(self.replica_id)
         await self._lifespan.__aexit__(None, None, None)

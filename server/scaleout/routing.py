@@ -1,5 +1,6 @@
 """Which task a request is for, read the way each API names it: the multiplexed model id that sends it to
-a replica already holding the task. No task (bare model, health, listings): any replica."""
+a replica already holding the task. No task (bare model, health, listings): any replica. And which
+requests may be sent again when their replica dies before taking them up."""
 
 from __future__ import annotations
 
@@ -29,3 +30,9 @@ def task_of(method: str, path: str, body: bytes) -> str:
         if isinstance(value, str) and value:
             return value
     return ""
+
+
+def is_retry_safe(method: str, path: str) -> bool:
+    """Reads, and generation requests the engine has not admitted yet, change nothing: sending them to
+    another replica is safe. Writes to the store may have happened."""
+    return method in ("GET", "HEAD") or (method == "POST" and path in _BODY_FIELDS)

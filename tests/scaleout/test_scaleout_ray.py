@@ -1,8 +1,9 @@
 """Scale-out on Ray Serve, for real: `promptserve serve --replicas 2` (a local Ray cluster, 2 replicas of a
 tiny Llama, 1 torch thread each) on loopback. Mixed-task requests give PEFT's tokens through /generate,
 /generate_stream and /v1/completions; a task's requests land on one replica and several tasks use both;
-a task written or deleted through the endpoint is served correctly by every replica; API keys behave as
-in one process."""
+a burst of new tasks spreads over both; a task written or deleted through the endpoint is served correctly
+by every replica; API keys behave as in one process; /metrics gathers every replica's, labelled; a killed
+replica fails only the requests it had begun, and those it held in its queue are served by the other."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from tests.engine.test_engine_parity import PeftReferee
 pytest.importorskip("ray.serve", reason="the scale-out extra is not installed: pip install 'promptserve[ray]'")
 
 TASKS = {"alpha": 3, "beta": 5, "gamma": 2, "delta": 4}
+BURST = {f"burst{i}": 2 for i in range(8)}
 TEXTS = ["The bread", "A long walk by the river", "Hi", "Once upon a time"]
 ADMIN, USER = "admin-key", "user-key"
 
@@ -33,7 +36,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
     """(base URL, model folder, adapters written by PEFT) of a 2-replica deployment; stopped at the end."""
     model = tiny_model_dir("llama")
     root = tmp_path_factory.mktemp("ray")
-    adapters = write_peft_adapters(model, root / "store", TASKS)
+    adapters = write_peft_adapters(model, root / "store", {**TASKS, **BURST})
     keys = root / "keys.yaml"
     keys.write_text(json.dumps({"keys": [{"key": ADMIN, "tenant": "ops", "tasks": ["*"], "admin": True},
                                          {"key": USER, "tenant": "t1", "tasks": ["alpha", "beta"]}]}))
@@ -41,13 +44,14 @@ def cluster(tiny_model_dir, tmp_path_factory):
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--replicas", "2", "--replica-threads", "1",
-         "--replica-num-cpus", "0.5", "--host", "127.0.0.1", "--port", str(port), "--model", str(model),
+         "--replica-num-cpus", "0.5", "--max-batch-size", "2", "--host", "127.0.0.1", "--port", str(port), "--model", str(model),
          "--store", str(root / "store"), "--api-keys", str(keys), "--no-compile", "--log-level", "warning"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
             wait_for_process(url, proc, 300)
+            _wait_for_replicas(url, 2)
         except RuntimeError:
             tail = (root / "server.log").read_text()[-3000:]
             raise AssertionError(f"the Ray deployment did not start: {tail}") from None
@@ -61,6 +65,14 @@ def cluster(tiny_model_dir, tmp_path_factory):
         log.close()
 
 
+def _wait_for_replicas(url: str, num: int) -> None:
+    """/ready answers once one replica is up; wait until `num` are."""
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{url}/ready", timeout=10).headers.get("x-promptserve-replicas-live") != str(num):
+        assert time.monotonic() < deadline, f"{num} replicas never came up"
+        time.sleep(0.5)
+
+
 def _client(url: str, key: str = ADMIN) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"})
 
@@ -70,11 +82,9 @@ def _generate(c: httpx.Client, task: str, text: str, max_new: int = 6) -> httpx.
                                      "parameters": {"max_new_tokens": max_new, "details": True}})
 
 
-def test_a_tasks_requests_stay_on_one_replica_and_tasks_spread(cluster):
-    """Runs first, on replicas that hold nothing yet. Ray learns which replica holds a task from the
-    replica's reports (every 0.1 s, then to the routers): after a task's first request has been answered
-    for a moment, the task's requests go to that replica. A task new to every replica goes to the one
-    holding the fewest tasks, so tasks spread over both."""
+def test_a_tasks_requests_stay_on_one_replica(cluster):
+    """Runs first, on replicas that hold nothing yet. A task's first request goes to its home replica
+    (hashing), and its later ones to the replica Ray has since learned holds it: the same one."""
     url, _, _ = cluster
     first: dict[str, str] = {}
     with _client(url) as c:
@@ -82,13 +92,67 @@ def test_a_tasks_requests_stay_on_one_replica_and_tasks_spread(cluster):
             r = _generate(c, task, "The river", 2)
             assert r.status_code == 200, r.text
             first[task] = r.headers["x-promptserve-replica"]
-            time.sleep(1.0)
         for _ in range(3):
             for task in TASKS:
                 assert _generate(c, task, "The river", 2).headers["x-promptserve-replica"] == first[task], task
-        assert len(set(first.values())) == 2, first  # both replicas hold tasks
         metrics = c.get("/metrics").text
     assert "promptserve_affinity_requests_total" in metrics
+
+
+def test_a_burst_of_new_tasks_spreads_over_both_replicas(cluster):
+    """8 tasks no replica holds, sent at once: Ray has no report of them yet, so the router's hashing and
+    load balance place them, not "the replica holding the fewest tasks" (all of them on one)."""
+    import concurrent.futures
+
+    url, _, _ = cluster
+    with _client(url) as c, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda task: _generate(c, task, "The river", 2), BURST))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    per_replica = Counter(r.headers["x-promptserve-replica"] for r in replies)
+    assert len(per_replica) == 2 and min(per_replica.values()) >= 2, per_replica
+
+
+def _generate_counts(c: httpx.Client) -> Counter:
+    """Successful /generate requests per replica, from the endpoint's federated /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = c.get("/metrics")
+    assert r.status_code == 200, r.text
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            if s.name == "promptserve_http_requests_total" and s.labels.get("route") == "/generate" \
+                    and s.labels.get("status") == "200":
+                counts[s.labels["replica"]] += s.value
+    return counts
+
+
+def test_metrics_gather_every_replica_labelled_by_replica(cluster):
+    url, _, _ = cluster
+    with _client(url) as c:
+        before = _generate_counts(c)
+        served = Counter(_generate(c, task, "x", 1).headers["x-promptserve-replica"] for task in [*TASKS, *BURST]
+                         for _ in range(2))  # the burst's tasks are held by both replicas
+        time.sleep(0.5)  # a replica counts a request when its answer has been sent
+        after = _generate_counts(c)
+    assert len(served) == 2, served
+    assert {r: after[r] - before[r] for r in after if after[r] != before[r]} == dict(served)
+    with _client(url, USER) as c:
+        assert_error(c.get("/metrics"), 403)  # admin only, as in one process
+
+
+def _wait_for_queue(c: httpx.Client, replica_id: str, depth: int) -> None:
+    """Until the replica's engine has `depth` requests waiting (federated /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for family in text_string_to_metric_families(c.get("/metrics").text):
+            if family.name == "promptserve_queue_depth" and any(
+                    s.labels["replica"] == replica_id and s.value >= depth for s in family.samples):
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"replica {replica_id} never had {depth} requests waiting")
 
 
 def test_mixed_tasks_match_peft_on_every_route(cluster):
@@ -111,22 +175,33 @@ def test_mixed_tasks_match_peft_on_every_route(cluster):
             assert r.json()["usage"]["completion_tokens"] == len(want)
 
 
+def _burst(c: httpx.Client, task: str) -> list[httpx.Response]:
+    """8 requests for `task` at once: more than one replica takes a share (the holder gets at most 2
+    more in flight than the other)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda _: _generate(c, task, "Once upon a time", 24), range(8)))
+
+
 def test_writes_through_the_endpoint_reach_every_replica(cluster):
+    """Both replicas serve the task, then it is replaced through the endpoint: both serve the new version;
+    it is deleted: both answer 404."""
     url, _, _ = cluster
     with _client(url) as c:
         first = c.put("/v1/tasks/fresh", json={"init": "random", "num_virtual_tokens": 3, "seed": 1})
         assert first.status_code == 201, first.text
-        replicas = set()
-        for _ in range(2):  # the task lands on one replica; the bare model's requests reach the others
-            for task in ("fresh", "alpha", "beta", "gamma", "delta"):
-                replicas.add(_generate(c, task, "x", 1).headers["x-promptserve-replica"])
-        assert len(replicas) == 2
+        replies = _burst(c, "fresh")
+        assert {r.json()["details"]["virtual_tokens"] for r in replies} == {3}, [r.text for r in replies]
+        assert len({r.headers["x-promptserve-replica"] for r in replies}) == 2  # both hold version 1
         second = c.put("/v1/tasks/fresh", json={"init": "random", "num_virtual_tokens": 6, "seed": 2})
         assert second.status_code == 200
-        r = _generate(c, "fresh", "x", 1)
-        assert r.json()["details"]["virtual_tokens"] == 6, r.text
+        replies = _burst(c, "fresh")
+        assert {r.json()["details"]["virtual_tokens"] for r in replies} == {6}, [r.text for r in replies]
+        assert len({r.headers["x-promptserve-replica"] for r in replies}) == 2
         assert c.delete("/v1/tasks/fresh").status_code == 204
-        assert_error(_generate(c, "fresh", "x", 1), 404)
+        for r in _burst(c, "fresh"):
+            assert_error(r, 404)
 
 
 def test_api_keys_and_scopes_as_in_one_process(cluster):
@@ -143,27 +218,28 @@ def test_api_keys_and_scopes_as_in_one_process(cluster):
 
 
 def test_a_killed_replica_fails_only_its_own_requests(cluster):
-    """Kill one replica's actor while requests run on both: requests in flight on it get 503 with
-    Retry-After, every request on the other succeeds, and new requests succeed (Ray starts a new one)."""
+    """Kill one replica's actor while a plain and a streamed request run on each replica (a full batch of
+    2): the killed replica's get 503 with Retry-After (the stream an error event), the other's finish, and
+    new requests succeed (Ray starts a new replica). Two requests queued on the killed replica had not
+    begun: they are sent again, to the other replica, and succeed."""
     import concurrent.futures
 
     import ray
 
     url, _, _ = cluster
-    with _client(url) as c:
-        home = {}
-        for task in TASKS:  # where each task is held (placed one by one, as in the affinity test)
-            home[task] = _generate(c, task, "x", 1).headers["x-promptserve-replica"]
-            time.sleep(1.0)
+    with _client(url) as c:  # where each task is held: each is held by one replica, and both hold some
+        home = {task: _generate(c, task, "x", 1).headers["x-promptserve-replica"] for task in [*TASKS, *BURST]}
     victim_id = home[next(iter(TASKS))]
-    assert len(set(home.values())) == 2, home
+    victim_task = next(t for t in home if home[t] == victim_id)
+    other_task = next((t for t in home if home[t] != victim_id), None)
+    assert other_task is not None, home
     ray.init(address="auto", namespace="serve", log_to_driver=False)
     try:
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if "promptserve-engine" in a["name"] and a["name"].endswith(victim_id)]
         assert len(names) == 1, names
         body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 480, "ignore_eos_token": True}}
-        started = {task: threading.Event() for task in TASKS}
+        started = {task: threading.Event() for task in (victim_task, other_task)}
 
         def stream(c: httpx.Client, task: str) -> list[dict]:
             events = []
@@ -175,21 +251,32 @@ def test_a_killed_replica_fails_only_its_own_requests(cluster):
             return events
 
         with _client(url) as c, concurrent.futures.ThreadPoolExecutor(8) as pool:
-            plain = {task: pool.submit(c.post, "/generate", json={**body, "task_id": task}) for task in TASKS}
-            streams = {task: pool.submit(stream, c, task) for task in TASKS}
-            assert all(started[task].wait(60) for task in TASKS)  # every request is decoding on its replica
+            plain, streams = {}, {}
+            for task in (victim_task, other_task):  # one at a time, so that each stays on its replica
+                plain[task] = pool.submit(c.post, "/generate", json={**body, "task_id": task})
+                time.sleep(0.05)
+            for task in (victim_task, other_task):
+                streams[task] = pool.submit(stream, c, task)
+                time.sleep(0.05)
+            assert all(event.wait(60) for event in started.values())  # both batches are full and decoding
+            queued = [pool.submit(_generate, c, victim_task, "Hi", 8) for _ in range(2)]
+            _wait_for_queue(c, victim_id, 2)  # they wait in the victim's queue
             ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
-            replies = {task: (plain[task].result(), streams[task].result()) for task in TASKS}
-        for task, (reply, events) in replies.items():
-            if home[task] == victim_id:  # in flight on the killed replica
-                assert_error(reply, 503, "unavailable")
-                assert reply.headers["retry-after"] == "1"
-                assert events[-1].get("error_type") == "unavailable" and len(events) < 480
-            else:
-                assert reply.status_code == 200 and reply.json()["details"]["generated_tokens"] == 480, reply.text
-                assert events[-1]["details"]["generated_tokens"] == 480
+            replies = {task: (plain[task].result(), streams[task].result()) for task in plain}
+            retried = [future.result() for future in queued]
+        reply, events = replies[victim_task]  # in flight on the killed replica
+        assert_error(reply, 503, "unavailable")
+        assert reply.headers["retry-after"] == "1"
+        assert events[-1].get("error_type") == "unavailable" and len(events) < 480
+        reply, events = replies[other_task]
+        assert reply.status_code == 200 and reply.json()["details"]["generated_tokens"] == 480, reply.text
+        assert events[-1]["details"]["generated_tokens"] == 480
+        for r in retried:
+            assert r.status_code == 200 and r.json()["details"]["generated_tokens"] == 8, r.text
+            assert r.headers["x-promptserve-attempts"] == "2"  # first sent to the killed replica
+            assert r.headers["x-promptserve-replica"] != victim_id
         with _client(url) as c:
-            for task in TASKS:
+            for task in home:
                 assert _generate(c, task, "x", 2).status_code == 200
     finally:
         ray.shutdown()
