@@ -12,12 +12,15 @@
 #   TORCH_INDEX_URL    where that torch comes from; the default is PyTorch's CPU-only index (small).
 #                      For a GPU image use e.g. https://download.pytorch.org/whl/cu128, or "" for PyPI.
 #   APP_UID            uid of the non-root user that runs the server (default 1000)
+#   EXTRAS             the project's extras to install, e.g. "ray": the image then also runs as a Ray node
+#                      (`ray start ...` as the command; a KubeRay RayService, see deploy/rayservice.yaml)
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
 ARG TORCH_REQUIREMENT="torch>=2.4,<2.15"
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG APP_UID=1000
+ARG EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -31,11 +34,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Python (a bare Debian base gets it from apt; python:*-slim has it), g++ (torch.compile generates C++ for
 # the CPU and the engine builds its decode kernel at start; without it the engine runs eagerly, on SDPA),
 # tcmalloc where the distribution has it (preloaded by `promptserve serve`: faster steps on the CPU),
-# a virtual environment, and the non-root user. /prompts (the task store, usually a volume) must be
-# writable by that user; /cache (the demo model) is world-writable so that `docker run --user UID:GID`
-# works too.
+# wget with the Ray extra (KubeRay's health probes call it), a virtual environment, and the non-root
+# user. /prompts (the task store, usually a volume) must be writable by that user; /cache (the demo model)
+# is world-writable so that `docker run --user UID:GID` works too.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ \
+    && apt-get install -y --no-install-recommends g++ $(case ",$EXTRAS," in (*,ray,*) echo wget;; esac) \
         $(python3 -c "import venv, ensurepip" 2>/dev/null || echo python3 python3-venv python3-pip python3-dev ca-certificates) \
     && (apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
         || apt-get install -y --no-install-recommends libtcmalloc-minimal4t64 || true) \
@@ -63,7 +66,7 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_REQUI
 # The project (.dockerignore keeps the context to what `pip install` needs), then the embedded demo model,
 # built now so that a fresh container serves at once.
 COPY . /src
-RUN pip install /src \
+RUN pip install "/src${EXTRAS:+[$EXTRAS]}" \
     && rm -rf /src \
     && python -c "from server.demo import ensure_demo_model; print('demo model:', ensure_demo_model())" \
     && chown -R promptserve:promptserve /cache/promptserve

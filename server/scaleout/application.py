@@ -22,8 +22,17 @@ _SCALEOUT_FIELDS = {"replicas", "max_replicas", "target_ongoing_requests", "repl
 
 def build(args: dict) -> serve.Application:
     """Ray Serve's application builder: `args` are Settings fields (e.g. model, store, replicas)."""
+    return build_from_settings(settings_from_args(args))
+
+
+def settings_from_args(args: dict) -> Settings:
+    """Settings from a Serve config's args: unknown names are refused (Settings alone ignores them, as it
+    must for the environment), and at least one replica runs."""
+    unknown = sorted(set(args) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(f"unknown promptserve settings in the application's args: {', '.join(unknown)}")
     settings = Settings(**args)
-    return build_from_settings(settings if settings.replicas else settings.model_copy(update={"replicas": 1}))
+    return settings if settings.replicas else settings.model_copy(update={"replicas": 1})
 
 
 def build_from_settings(settings: Settings) -> serve.Application:

@@ -2,8 +2,10 @@
 
 A replica runs the full promptserve app (every route, auth, error, SSE) and the ingress forwards requests
 to it as plain records. httpx's ASGI transport would buffer a whole response (no SSE), so this drives the
-app directly: the parts are the status and headers, then each body chunk as the app sends it, and, in
-between, EngineStarted when the engine admits the request (before it, a retry elsewhere is safe).
+app directly: the parts are a ResponseStart (status, headers and the first body chunk: a whole answer
+when it is one chunk, as every JSON answer is), then each further body chunk as the app sends it, and,
+wherever it happens, EngineStarted when the engine admits the request (before it, a retry elsewhere is
+safe). Each part is one message through Ray, so the start waits for the first chunk.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class ResponseStart:
 
     status: int
     headers: list[tuple[bytes, bytes]]
+    body: bytes = b""  # the first chunk
+    is_complete: bool = False  # no chunk follows
 
 
 @dataclass
@@ -79,14 +83,22 @@ async def forward(app: Any, record: RequestRecord) -> AsyncIterator[ResponseStar
             await parts.put(None)
 
     task = asyncio.create_task(run())
+    start: ResponseStart | None = None  # held until the first body chunk
     try:
         while (message := await parts.get()) is not None:
             if message["type"] == "promptserve.engine_start":
                 yield EngineStarted()
             elif message["type"] == "http.response.start":
-                yield ResponseStart(message["status"], list(message.get("headers", [])))
+                start = ResponseStart(message["status"], list(message.get("headers", [])))
+            elif message["type"] == "http.response.body" and start is not None:
+                start.body, start.is_complete = message.get("body", b""), not message.get("more_body", False)
+                yield start
+                start = None
             elif message["type"] == "http.response.body" and message.get("body"):
                 yield message["body"]
+        if start is not None:
+            start.is_complete = True
+            yield start
         await task  # re-raise what the app raised, if anything
     finally:
         disconnected.set()

@@ -53,7 +53,7 @@ class Ingress:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             reply = _Reply(self._replicas.options(multiplexed_model_id=task_id, stream=True).handle.remote(record))
             try:
-                start, first_chunks = await reply.begin()
+                start = await reply.begin()
                 break
             except RayError as exc:
                 again = not reply.is_started and attempt < MAX_ATTEMPTS and is_retry_safe(request.method, record.path)
@@ -61,7 +61,10 @@ class Ingress:
                             "sending it again" if again else "503", exc)
                 if not again:
                     return _unavailable()
-        response = StreamingResponse(_rest(first_chunks, reply.parts, record.path), status_code=start.status)
+        if start.is_complete:  # one message back to the proxy, not a stream
+            response = Response(start.body, status_code=start.status)
+        else:
+            response = StreamingResponse(_rest(start.body, reply.parts, record.path), status_code=start.status)
         response.raw_headers = [*_without_request_id(start.headers), (ATTEMPTS_HEADER, str(attempt).encode())]
         if record.path == "/ready":  # one replica ready makes the endpoint ready; this says how many are
             response.raw_headers.append((LIVE_REPLICAS_HEADER, str(len(await self._directory.live.remote())).encode()))
@@ -95,6 +98,7 @@ class Ingress:
             async for part in parts:
                 if isinstance(part, ResponseStart):
                     start = part
+                    chunks.append(part.body)
                 elif isinstance(part, bytes):
                     chunks.append(part)
             return start, b"".join(chunks)
@@ -107,33 +111,25 @@ class Ingress:
 
 
 class _Reply:
-    """One attempt's parts, read up to the point where the answer is committed to the client."""
+    """One attempt's parts, read up to the answer's start."""
 
     def __init__(self, parts):
         self.parts = parts
         self.is_started = False  # the replica's engine admitted the request
 
-    async def begin(self) -> tuple[ResponseStart, list[bytes]]:
-        """The response's start and the body chunks read so far. It returns once the engine has admitted
-        the request or a body chunk came; a stream's headers alone do not commit (a retry stays possible)."""
-        start: ResponseStart | None = None
+    async def begin(self) -> ResponseStart:
+        """The response's start (with its first body chunk): from here the answer is the client's."""
         async for part in self.parts:
             if isinstance(part, EngineStarted):
                 self.is_started = True
-            elif isinstance(part, ResponseStart):
-                start = part
             else:
-                return start, [part]
-            if start is not None and self.is_started:
-                return start, []
-        if start is None:
-            raise RuntimeError("the replica ended the request without a response")
-        return start, []
+                return part
+        raise RuntimeError("the replica ended the request without a response")
 
 
-async def _rest(first_chunks: list[bytes], parts, path: str):
-    for chunk in first_chunks:
-        yield chunk
+async def _rest(first_chunk: bytes, parts, path: str):
+    if first_chunk:
+        yield first_chunk
     try:
         async for part in parts:
             if isinstance(part, bytes):

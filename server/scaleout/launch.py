@@ -1,5 +1,6 @@
 """`promptserve serve --replicas N`: a local or existing Ray cluster, N engine replicas (autoscaled
-between --replicas and --max-replicas when the latter is set) behind one ingress on --host/--port.
+between --replicas and --max-replicas when the latter is set) behind one ingress on --host/--port of the
+Ray head node.
 The replicas share the store folder (checked on use), so it must be the same path on every node."""
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ def run(settings: Settings) -> int:
     from server.scaleout.application import build_from_settings
 
     ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    # One endpoint: Ray's HTTP proxy on the head node only (with a proxy on every node, nodes that share a
+    # host would contend for the port).
+    serve.start(proxy_location="HeadOnly", http_options={"host": settings.host, "port": settings.port})
     serve.run(build_from_settings(settings), name="promptserve", route_prefix="/")
     log.info("serving on http://%s:%d with %d replica(s)", settings.host, settings.port, settings.replicas)
     stop = threading.Event()

@@ -7,6 +7,9 @@
 #   sudo bash tests/docker/smoke.sh            # the whole smoke test
 #   sudo bash tests/docker/smoke.sh --prepare  # only tools, dockerd and the base image
 #   sudo bash tests/docker/smoke.sh --rmi      # ... and remove the images at the end
+#   sudo bash tests/docker/smoke.sh --ray      # the image built with EXTRAS=ray as a 2-node Ray cluster:
+#                                              # a head container (no CPUs) and a worker container, on which
+#                                              # `promptserve serve --replicas 1` places its engine replica
 #
 # Env: TORCH_WHEEL (a local torch wheel to install in the image; default: the CPU wheel in /opt/wheels
 # if there is one, else the Dockerfile's default index), SMOKE_TIMEOUT_S (server start, default 300).
@@ -27,7 +30,7 @@ log() { echo "[smoke $(date -u +%H:%M:%S)] $*"; }
 
 cleanup() {
     local rc=$?
-    docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
+    docker rm -f "$CONTAINER" ps-smoke-ray-head ps-smoke-ray-worker >/dev/null 2>&1 || true
     [ -n "$WHEEL_PID" ] && kill "$WHEEL_PID" 2>/dev/null || true
     if [ "$MODE" = "--rmi" ]; then docker rmi -f "$IMAGE" "$BASE_IMAGE" >/dev/null 2>&1 || true; fi
     # Only a dockerd this script started is stopped (by its pid).
@@ -100,12 +103,12 @@ wait_for() {  # wait_for URL SECONDS
     log "timed out waiting for $1"; docker logs "$CONTAINER" | tail -30; return 1
 }
 
-build_image() {
+build_image() {  # build_image [EXTRAS]
     serve_torch_wheel
-    log "docker build (base $BASE_IMAGE)"
+    log "docker build (base $BASE_IMAGE${1:+, extras $1})"
     local t0=$SECONDS
-    docker build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" "${TORCH_ARGS[@]}" -t "$IMAGE" "$ROOT" \
-        >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
+    docker build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" "${TORCH_ARGS[@]}" --build-arg "EXTRAS=${1:-}" \
+        -t "$IMAGE" "$ROOT" >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
     log "built $IMAGE in $((SECONDS - t0)) s: $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 }
 
@@ -153,9 +156,44 @@ wait_healthy() {
     [ "$status" = "healthy" ]
 }
 
+# The image as Ray nodes: a head container (no CPUs: it gets the proxy, the ingress and the directory,
+# never an engine replica) and a worker container (2 CPUs) joined to it, both on the host network, then
+# `promptserve serve --replicas 1 --ray-address auto` run in the head: its replica can only go to the
+# worker. One /generate through the endpoint, and the replica's process is found in the worker.
+ray_nodes_check() {
+    local gcs port; gcs="$(free_port)"; port="$(free_port)"
+    mkdir -p "$WORK/prompts" && chown 1000:1000 "$WORK/prompts"
+    # Ray's token authentication would need the head's token in the worker: off for this local check.
+    local common=(--network host -e RAY_AUTH_MODE=disabled -v "$WORK/prompts:/prompts" --entrypoint ray)
+    log "ray head (GCS port $gcs) and ray worker containers"
+    docker run -d --name ps-smoke-ray-head "${common[@]}" "$IMAGE" start --head --port "$gcs" --num-cpus 0 \
+        --include-dashboard false --dashboard-agent-listen-port "$(free_port)" --block >/dev/null
+    sleep 10
+    docker run -d --name ps-smoke-ray-worker "${common[@]}" "$IMAGE" start --address "127.0.0.1:$gcs" \
+        --num-cpus 2 --dashboard-agent-listen-port "$(free_port)" --block >/dev/null
+    CONTAINER=ps-smoke-ray-head
+    docker exec -d -e RAY_AUTH_MODE=disabled ps-smoke-ray-head sh -c "promptserve serve --replicas 1 \
+        --ray-address auto --host 127.0.0.1 --port $port --no-compile > /tmp/serve.log 2>&1"
+    local base="http://127.0.0.1:$port"
+    wait_for "$base/ready" "$TIMEOUT_S" || { docker exec ps-smoke-ray-head tail -30 /tmp/serve.log; exit 1; }
+    log "GET /ready -> $(curl -fsS -D - "$base/ready" | tr -d '\r' | grep -i 'x-promptserve-replicas-live')"
+    local body='{"inputs": "Hello", "parameters": {"max_new_tokens": 8, "details": true}}'
+    local out; out="$(curl -fsS -D "$WORK/headers" -H 'Content-Type: application/json' -d "$body" "$base/generate")"
+    log "POST /generate -> $(echo "$out" | python3 -c "$SUMMARY") $(tr -d '\r' < "$WORK/headers" | grep -i x-promptserve-replica:)"
+    local where; where="$(docker exec ps-smoke-ray-worker sh -c 'ps -eo args | grep -c "[S]erveReplica:promptserve:promptserve-engine"')"
+    log "engine replica processes in the worker container: $where"
+    [ "$where" -ge 1 ]
+}
+
 install_tools
 start_dockerd
 build_base
 [ "$MODE" = "--prepare" ] && exit 0
+if [ "$MODE" = "--ray" ]; then
+    IMAGE="promptserve:smoke-ray"
+    build_image ray
+    ray_nodes_check
+    exit 0
+fi
 build_image
 run_and_check
