@@ -177,10 +177,13 @@ ray_nodes_check() {
     local base="http://127.0.0.1:$port"
     wait_for "$base/ready" "$TIMEOUT_S" || { docker exec ps-smoke-ray-head tail -30 /tmp/serve.log; exit 1; }
     log "GET /ready -> $(curl -fsS -D - "$base/ready" | tr -d '\r' | grep -i 'x-promptserve-replicas-live')"
-    local body='{"inputs": "Hello", "parameters": {"max_new_tokens": 8, "details": true}}'
+    local task; task="$(curl -fsS "$base/v1/tasks" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tasks"][0]["id"])')"
+    local body="{\"task_id\": \"$task\", \"inputs\": \"Hello\", \"parameters\": {\"max_new_tokens\": 8, \"details\": true}}"
     local out; out="$(curl -fsS -D "$WORK/headers" -H 'Content-Type: application/json' -d "$body" "$base/generate")"
     log "POST /generate -> $(echo "$out" | python3 -c "$SUMMARY") $(tr -d '\r' < "$WORK/headers" | grep -i x-promptserve-replica:)"
-    local where; where="$(docker exec ps-smoke-ray-worker sh -c 'ps -eo args | grep -c "[S]erveReplica:promptserve:promptserve-engine"')"
+    # (the image has no ps: read the process titles from /proc)
+    local where; where="$(docker exec ps-smoke-ray-worker sh -c \
+        'for f in /proc/[0-9]*/cmdline; do tr "\0" " " < "$f"; echo; done | grep -c "[S]erveReplica:promptserve:promptserve-engine"')"
     log "engine replica processes in the worker container: $where"
     [ "$where" -ge 1 ]
 }
