@@ -11,13 +11,14 @@ from typing import Callable
 
 from fastapi import FastAPI
 
-from server.api import generate, openai, ops, tasks
+from server.api import fine_tuning, generate, openai, ops, tasks
 from server.auth import KeyRing
 from server.config import Settings
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import AccessLogMiddleware, BodyLimitMiddleware
 from server.runtime import Runtime, build_runtime
+from server.training.service import start_training
 
 log = logging.getLogger("promptserve")
 
@@ -34,13 +35,14 @@ def create_app(settings: Settings | None = None, *,
     app.state.is_draining = False  # set on SIGTERM: new requests get 503 while running ones finish
     app.state.load_error = None  # why the model could not be loaded, if it could not
     app.state.on_fatal = lambda: None  # the CLI sets this to stop uvicorn when loading fails
+    app.state.training = None  # (TrainingState, TrainingRunner) once the model is loaded
     # The keys file is read now so that a bad file stops the server before the model loads.
     app.state.keyring = KeyRing.from_file(settings.api_keys) if settings.api_keys else None
     app.state.metrics = Metrics(max_task_labels=settings.metrics_max_tasks,
                                 engine_stats=lambda: _runtime_part(app, "engine"),
                                 store_stats=lambda: _runtime_part(app, "store"))
     install_error_handlers(app)
-    for router in (ops.router, generate.router, openai.router, tasks.router):
+    for router in (ops.router, generate.router, openai.router, tasks.router, fine_tuning.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     app.add_middleware(AccessLogMiddleware, on_finish=app.state.metrics.observe_http)  # outermost
@@ -69,6 +71,7 @@ async def _load(app: FastAPI) -> None:
         runtime = await asyncio.to_thread(app.state.runtime_factory, settings)
         seconds = await asyncio.to_thread(runtime.engine.warm_up)
         log.info("engine warm-up took %.1f s", seconds)
+        app.state.training = await asyncio.to_thread(start_training, runtime)
         runtime.engine.start()
     except Exception as e:  # noqa: BLE001 - reported on /ready and in the log, then the server stops
         log.exception("loading the model failed")
@@ -95,6 +98,8 @@ def _body_limits(settings: Settings) -> Callable[[str, str], int]:
     def limit_for(method: str, path: str) -> int:
         if method == "PUT" and path.startswith("/v1/tasks/"):
             return settings.max_upload_bytes
+        if method == "POST" and path == "/v1/files":
+            return settings.training_max_file_bytes + 64 * 1024  # the file, plus the form around it
         return settings.max_body_bytes
     return limit_for
 

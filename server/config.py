@@ -83,6 +83,14 @@ class Settings(BaseSettings):
     # client could reuse a connection the server was closing, and the request died with a reset.
     keep_alive_s: int = Field(75, ge=1, description="Seconds an idle keep-alive connection is kept open")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+    # Training (POST /v1/files, /v1/fine_tuning/jobs): jobs run between inference steps.
+    training_dir: Path | None = Field(None, description="Where uploaded training files and jobs are kept "
+                                      "(default: <store>/.training)")
+    training_max_file_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest training file upload")
+    training_max_examples: int = Field(100_000, ge=1, description="Most examples in a training file")
+    training_max_tokens_per_example: int = Field(2048, ge=1, description="Most tokens in one training example")
+    training_max_steps: int = Field(20_000, ge=1, description="Most optimizer steps a job may take")
+    training_max_jobs_per_tenant: int = Field(2, ge=1, description="Jobs a tenant may have queued or running")
     # Scale-out on Ray Serve (extra `promptserve[ray]`); 0 replicas: one process, no Ray.
     replicas: int = Field(0, ge=0, description="Engine replicas on Ray Serve behind one endpoint (0: a single "
                           "process, no Ray); with --max-replicas, the autoscaling minimum")

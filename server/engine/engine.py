@@ -63,6 +63,7 @@ class Engine:
         self._is_accepting = False
         self._stop_now = False
         self._thread: threading.Thread | None = None
+        self._side_work: Any = None  # set_side_work(): training slices between steps
 
     def _make_worker(self, release) -> Worker | SlotWorker:
         """The slot engine when the model can run on it, else the legacy path (see runner_slots)."""
@@ -107,6 +108,17 @@ class Engine:
             runner.use_eager(repr(exc)[:300])
             warm_up(runner)
         return time.monotonic() - started
+
+    def set_side_work(self, work: Any) -> None:
+        """Work the engine's thread does between inference steps (training): `work.has_work()` says whether
+        there is any, `work.run_slice(is_serving)` does a bounded piece of it, with gradients allowed.
+        `is_serving` says whether requests are running or waiting: the work then keeps its slices short."""
+        self._side_work = work
+
+    def notify(self) -> None:
+        """Wake the engine's thread (side work arrived)."""
+        with self._wake:
+            self._wake.notify_all()
 
     def forget_task(self, task_id: str) -> None:
         """A task was deleted or replaced: drop its cached virtual-token KV."""
@@ -243,16 +255,29 @@ class Engine:
             while True:
                 was_idle = False
                 with self._wake:
-                    while not self._stop_now and not self._scheduler.has_work():
+                    while not self._stop_now and not self._scheduler.has_work() and not self._has_side_work():
                         was_idle = True
                         self._wake.wait(timeout=self.config.idle_wait_s)
                     if self._stop_now:
                         return
-                if was_idle:
-                    self._gather_burst()
-                try:
-                    self._worker.step()
-                except Exception as exc:
-                    log.exception("engine step failed")
-                    self._worker.fail_all(exc)
-                self._outbox.flush()
+                if self._scheduler.has_work():
+                    if was_idle:
+                        self._gather_burst()
+                    try:
+                        self._worker.step()
+                    except Exception as exc:
+                        log.exception("engine step failed")
+                        self._worker.fail_all(exc)
+                    self._outbox.flush()
+                if self._has_side_work():
+                    self._run_side_slice()
+
+    def _has_side_work(self) -> bool:
+        return self._side_work is not None and self._side_work.has_work()
+
+    def _run_side_slice(self) -> None:
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                self._side_work.run_slice(self._scheduler.has_work())
+        except Exception:  # noqa: BLE001 - side work reports its own failures; serving goes on regardless
+            log.exception("side work failed")

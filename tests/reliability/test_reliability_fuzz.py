@@ -46,7 +46,15 @@ def fuzz(url: str, *headers: str) -> subprocess.CompletedProcess:
 def test_fuzz_without_auth(fuzz_servers):
     result = fuzz(fuzz_servers[0].url)
     assert result.returncode == 0, result.stdout[-6000:]
-    assert "18 operations" in result.stdout or "Selected: 18/18" in result.stdout, result.stdout[-3000:]
+    num = _num_operations(fuzz_servers[0].url)  # every route in the schema was fuzzed
+    assert f"Selected: {num}/{num}" in result.stdout, result.stdout[-3000:]
+
+
+def _num_operations(url: str) -> int:
+    import httpx
+
+    paths = httpx.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+    return sum(1 for methods in paths.values() for method in methods if method in ("get", "post", "put", "delete"))
 
 
 @pytest.mark.parametrize("key", ["rel-admin-key-1", "rel-globex-key1", None])

@@ -1,0 +1,229 @@
+"""OpenAI's files and fine-tuning routes, so that `openai` clients work: a job trains a task's soft prompt
+on the served model (server/training/) and publishes it to the store. Our own fields (`task_id`,
+`prompt_tuning`) go in the body (`extra_body` in the Python client). Files and jobs are private to the
+tenant that made them (an admin key too sees only its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from pydantic import BaseModel, Field
+
+from server.api.deps import get_runtime, get_tenant
+from server.auth import ForbiddenError, Tenant
+from server.errors import ApiError
+from server.runtime import Runtime
+from prompt_store.task_ids import check_task_id
+from server.training.examples import ExampleError, ExampleLimits, read_jsonl
+
+router = APIRouter(tags=["fine-tuning"])
+MAX_EPOCHS = 100
+
+
+class PromptTuningSpec(BaseModel):
+    """How the prompt starts: PEFT's PromptTuningInit."""
+
+    num_virtual_tokens: int = Field(20, ge=1, le=512)
+    init: Literal["random", "text", "sample_vocab"] = "random"
+    init_text: str | None = Field(None, max_length=10_000)
+
+
+class JobHyperparameters(BaseModel):
+    """OpenAI's names; "auto" takes the default."""
+
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate: float | Literal["auto"] = "auto"
+
+
+class JobCreate(BaseModel):
+    """POST /v1/fine_tuning/jobs."""
+
+    training_file: str
+    validation_file: str | None = None
+    model: str
+    task_id: str = Field(min_length=1, max_length=128)
+    hyperparameters: JobHyperparameters = JobHyperparameters()
+    prompt_tuning: PromptTuningSpec = PromptTuningSpec()
+    seed: int | None = None
+    suffix: str | None = None  # OpenAI's; the task id names the result here
+
+
+def _training(request: Request):
+    get_runtime(request)  # 503 while loading or draining
+    if request.app.state.training is None:
+        raise ApiError(501, "not_implemented", "training is not available on a shared store (--shared-store, "
+                                               "--replicas) yet: run it on a single server")
+    return request.app.state.training
+
+
+def _public(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "tenant"}
+
+
+def _owned(record: dict | None, tenant: Tenant, what: str, ident: str) -> dict:
+    if record is None or record["tenant"] != tenant.name:
+        raise ApiError(404, "not_found", f"no {what} {ident!r}")
+    return record
+
+
+@router.post("/v1/files")
+async def upload_file(request: Request, purpose: str = Form(...), file: UploadFile = File(...),
+                      runtime: Runtime = Depends(get_runtime), tenant: Tenant = Depends(get_tenant)) -> dict:
+    """A JSONL training file; every line is checked now (422 naming the first bad line)."""
+    state, _ = _training(request)
+    if purpose != "fine-tune":
+        raise ApiError(422, "invalid_request", f"purpose must be 'fine-tune', not {purpose!r}")
+    data = await file.read()
+    settings = runtime.settings
+    if len(data) > settings.training_max_file_bytes:
+        raise ApiError(413, "payload_too_large", f"the file is {len(data)} bytes; the limit is "
+                                                 f"{settings.training_max_file_bytes}")
+    await asyncio.to_thread(_check_examples, runtime, data)
+    record = await asyncio.to_thread(state.add_file, data, filename=file.filename or "train.jsonl", purpose=purpose,
+                                     tenant=tenant.name)
+    return _public(record)
+
+
+@router.get("/v1/files")
+async def list_files(request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
+    state, _ = _training(request)
+    files = await asyncio.to_thread(state.files)
+    return {"object": "list", "data": [_public(f) for f in files if f["tenant"] == tenant.name]}
+
+
+@router.get("/v1/files/{file_id}")
+async def get_file(file_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
+    state, _ = _training(request)
+    return _public(_owned(_lookup(state.file, file_id), tenant, "file", file_id))
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
+    state, _ = _training(request)
+    _owned(_lookup(state.file, file_id), tenant, "file", file_id)
+    await asyncio.to_thread(state.delete_file, file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(body: JobCreate, request: Request, runtime: Runtime = Depends(get_runtime),
+                     tenant: Tenant = Depends(get_tenant)) -> dict:
+    """Queue a job that trains `task_id` (created, or replaced by a new version when it succeeds)."""
+    state, runner = _training(request)
+    if body.model != runtime.model_name:
+        raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; it is {runtime.model_name!r}")
+    check_task_id(body.task_id)
+    if not tenant.may_write(body.task_id):
+        raise ForbiddenError(f"this API key may not write task {body.task_id!r}")
+    if body.prompt_tuning.init == "text" and not body.prompt_tuning.init_text:
+        raise ApiError(422, "invalid_request", "prompt_tuning.init 'text' needs prompt_tuning.init_text")
+    num_examples = 0
+    for name in ("training_file", "validation_file"):
+        file_id = getattr(body, name)
+        if file_id is not None:
+            _owned(_lookup(state.file, file_id), tenant, "file", file_id)
+            if name == "training_file":
+                data = await asyncio.to_thread(state.file_data, file_id)
+                num_examples = len(await asyncio.to_thread(_check_examples, runtime, data))
+    hyper = _hyperparameters(body.hyperparameters, num_examples, runtime.settings.training_max_steps)
+    mine = [j for j in await asyncio.to_thread(state.jobs)
+            if j["tenant"] == tenant.name and j["status"] in ("validating_files", "queued", "running")]
+    if len(mine) >= runtime.settings.training_max_jobs_per_tenant:
+        raise ApiError(429, "rate_limited", f"this tenant already has {len(mine)} jobs queued or running "
+                                            f"(limit {runtime.settings.training_max_jobs_per_tenant})")
+    job = {"id": f"ftjob-{secrets.token_hex(12)}", "object": "fine_tuning.job", "model": body.model,
+           "created_at": int(time.time()), "finished_at": None, "fine_tuned_model": None,
+           "organization_id": tenant.name, "result_files": [], "status": "queued",
+           "training_file": body.training_file, "validation_file": body.validation_file, "hyperparameters": hyper,
+           "trained_tokens": 0, "error": None, "seed": body.seed if body.seed is not None else secrets.randbits(31),
+           "estimated_finish": None, "integrations": [], "task_id": body.task_id,
+           "prompt_tuning": body.prompt_tuning.model_dump(), "progress": {"step": 0, "total_steps": None},
+           "train_loss": None, "valid_loss": None, "tenant": tenant.name}
+    await asyncio.to_thread(state.save_job, job)
+    state.add_event(job["id"], f"job queued: task {body.task_id!r}")
+    runner.submit(job["id"])
+    return _public(job)
+
+
+@router.get("/v1/fine_tuning/jobs")
+async def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
+                    tenant: Tenant = Depends(get_tenant)) -> dict:
+    """Newest first, paged with `after` (a job id) and `limit`."""
+    state, _ = _training(request)
+    jobs = [j for j in await asyncio.to_thread(state.jobs) if j["tenant"] == tenant.name]
+    if after is not None:
+        ids = [j["id"] for j in jobs]
+        jobs = jobs[ids.index(after) + 1:] if after in ids else []
+    return {"object": "list", "data": [_public(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+async def get_job(job_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
+    state, _ = _training(request)
+    return _public(_owned(_lookup(state.job, job_id), tenant, "fine-tuning job", job_id))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+async def job_events(job_id: str, request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=1000),
+                     tenant: Tenant = Depends(get_tenant)) -> dict:
+    """Newest first, as OpenAI lists them."""
+    state, _ = _training(request)
+    _owned(_lookup(state.job, job_id), tenant, "fine-tuning job", job_id)
+    events = list(reversed(await asyncio.to_thread(state.events, job_id)))
+    if after is not None:
+        ids = [e["id"] for e in events]
+        events = events[ids.index(after) + 1:] if after in ids else []
+    return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
+    """The job stops before its next step; its task is left as it was."""
+    state, runner = _training(request)
+    job = _owned(_lookup(state.job, job_id), tenant, "fine-tuning job", job_id)
+    if job["status"] not in ("validating_files", "queued", "running"):
+        raise ApiError(409, "conflict", f"the job has already ended ({job['status']})")
+    runner.cancel(job_id)
+    return _public(job)
+
+
+def _lookup(read, ident: str):
+    try:
+        return read(ident)
+    except KeyError:
+        return None
+
+
+def _check_examples(runtime: Runtime, data: bytes) -> list:
+    settings = runtime.settings
+    limits = ExampleLimits(max_examples=settings.training_max_examples,
+                           max_tokens_per_example=settings.training_max_tokens_per_example)
+    try:
+        return read_jsonl(data, runtime.tokenizer, is_encoder_decoder=runtime.loaded.task_type == "SEQ_2_SEQ_LM",
+                          limits=limits)
+    except ExampleError as exc:
+        raise ApiError(422, "invalid_training_file", str(exc)) from None
+    except UnicodeDecodeError:
+        raise ApiError(422, "invalid_training_file", "the file is not UTF-8 text") from None
+
+
+def _hyperparameters(given: JobHyperparameters, num_examples: int, max_steps: int) -> dict:
+    from server.training.prompt_trainer import Hyperparameters
+
+    default = Hyperparameters()
+    hyper = {"n_epochs": default.n_epochs if given.n_epochs == "auto" else given.n_epochs,
+             "batch_size": default.batch_size if given.batch_size == "auto" else given.batch_size,
+             "learning_rate": default.learning_rate if given.learning_rate == "auto" else given.learning_rate}
+    if not 1 <= hyper["n_epochs"] <= MAX_EPOCHS or hyper["batch_size"] < 1 or not 0 < hyper["learning_rate"] <= 10:
+        raise ApiError(422, "invalid_request", f"hyperparameters out of range: n_epochs 1-{MAX_EPOCHS}, "
+                                               "batch_size >= 1, 0 < learning_rate <= 10")
+    steps = hyper["n_epochs"] * math.ceil(num_examples / hyper["batch_size"])
+    if steps > max_steps:
+        raise ApiError(422, "invalid_request", f"the job would take {steps} steps; the limit is {max_steps}")
+    return hyper

@@ -1,0 +1,176 @@
+"""TrainingRunner: runs fine-tuning jobs one at a time, on the engine's thread, between inference steps.
+
+The engine calls `run_slice(is_serving)` after each inference step (and continuously while it has no
+requests): one training step per call. While requests are running or waiting, a step is taken only when
+training has had less than SERVING_SHARE of the time since its last step, so serving keeps at least 75 %
+of the device; an idle server trains back to back. Every `checkpoint_every` steps the prompt and the
+optimizer state are saved; a job found running at start resumes from its checkpoint. The batch schedule
+is a function of (seed, epoch), so a resumed job takes the same batches it would have. On success the
+prompt is written to the store as a new version of the task (atomically; running requests finish on the
+old one) and the task's cached virtual-token KV is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from prompt_store.init import random_init, sample_vocab_init, text_init
+from server.training.examples import Example, read_jsonl
+from server.training.prompt_trainer import Hyperparameters, PromptTrainer, epoch_order
+from server.training.state import TrainingState
+
+log = logging.getLogger(__name__)
+SERVING_SHARE = 0.25
+ACTIVE = ("validating_files", "queued", "running")
+
+
+@dataclass
+class _Active:
+    job: dict
+    trainer: PromptTrainer
+    train: list[Example]
+    validation: list[Example]
+    hyper: Hyperparameters
+    total_steps: int
+
+
+class TrainingRunner:
+    """Side work of the engine (Engine.set_side_work)."""
+
+    def __init__(self, state: TrainingState, *, model: Any, tokenizer: Any, store: Any, engine: Any,
+                 task_type: str, checkpoint_every: int = 10):
+        self._state, self._model, self._tokenizer = state, model, tokenizer
+        self._store, self._engine, self._task_type = store, engine, task_type
+        self._checkpoint_every = checkpoint_every
+        self._queue: deque[str] = deque()
+        self._cancelled: set[str] = set()
+        self._active: _Active | None = None
+        self._next_step_at = 0.0
+        for job in reversed(state.jobs()):  # oldest first: jobs a restart interrupted go on
+            if job["status"] in ACTIVE:
+                state.add_event(job["id"], "the server restarted: the job goes on from its last checkpoint")
+                self._queue.append(job["id"])
+
+    # ---- the API's side (event loop) ----
+    def submit(self, job_id: str) -> None:
+        self._queue.append(job_id)
+        self._engine.notify()
+
+    def cancel(self, job_id: str) -> None:
+        self._cancelled.add(job_id)
+        self._engine.notify()
+
+    # ---- the engine's side ----
+    def has_work(self) -> bool:
+        return self._active is not None or bool(self._queue)
+
+    def run_slice(self, is_serving: bool) -> None:
+        if self._active is None and not self._start_next():
+            return
+        active = self._active
+        if active.job["id"] in self._cancelled:
+            self._end(active, "cancelled", "the job was cancelled")
+            return
+        if is_serving and time.monotonic() < self._next_step_at:
+            return
+        started = time.monotonic()
+        try:
+            self._step(active)
+        except Exception as exc:  # noqa: BLE001 - the job fails with its reason; serving goes on
+            log.exception("training job %s failed", active.job["id"])
+            self._end(active, "failed", f"training failed: {exc}", error={"code": "training_error",
+                                                                         "message": str(exc), "param": None})
+            return
+        took = time.monotonic() - started
+        self._next_step_at = time.monotonic() + took * (1 - SERVING_SHARE) / SERVING_SHARE
+
+    def _start_next(self) -> bool:
+        while self._queue:
+            job = self._state.job(self._queue.popleft())
+            if job is None or job["status"] not in ACTIVE:
+                continue
+            if job["id"] in self._cancelled:
+                self._finish(job, "cancelled", "the job was cancelled")
+                continue
+            try:
+                self._active = self._prepare(job)
+            except Exception as exc:  # noqa: BLE001 - e.g. the file was deleted: the job fails, said why
+                self._finish(job, "failed", f"the job could not start: {exc}",
+                             error={"code": "invalid_training_file", "message": str(exc), "param": "training_file"})
+                continue
+            return True
+        return False
+
+    def _prepare(self, job: dict) -> _Active:
+        is_seq2seq = self._task_type == "SEQ_2_SEQ_LM"
+        read = lambda file_id: read_jsonl(self._state.file_data(file_id), self._tokenizer,  # noqa: E731
+                                          is_encoder_decoder=is_seq2seq)
+        train = read(job["training_file"])
+        validation = read(job["validation_file"]) if job.get("validation_file") else []
+        hyper = Hyperparameters(**job["hyperparameters"])
+        trainer = PromptTrainer(self._model, self._init(job), hyper, pad_token_id=_pad_id(self._tokenizer))
+        checkpoint = self._state.checkpoint(job["id"])
+        if checkpoint is not None:
+            trainer.load_state_dict(checkpoint)
+        job["status"] = "running"
+        self._state.save_job(job)
+        self._state.add_event(job["id"], f"training from step {trainer.num_steps}: {len(train)} examples, "
+                                         f"{hyper.n_epochs} epochs of batches of {hyper.batch_size}")
+        total = hyper.n_epochs * math.ceil(len(train) / hyper.batch_size)
+        return _Active(job, trainer, train, validation, hyper, total)
+
+    def _init(self, job: dict):
+        spec = job["prompt_tuning"]
+        n, embeddings = spec["num_virtual_tokens"], self._model.get_input_embeddings()
+        if spec["init"] == "text":
+            return text_init(spec["init_text"], n, self._tokenizer, embeddings)
+        if spec["init"] == "sample_vocab":
+            return sample_vocab_init(n, embeddings, seed=job["seed"])
+        return random_init(n, embeddings.weight.shape[1], seed=job["seed"])
+
+    def _step(self, active: _Active) -> None:
+        steps_per_epoch = math.ceil(len(active.train) / active.hyper.batch_size)
+        step = active.trainer.num_steps
+        epoch, index = divmod(step, steps_per_epoch)
+        order = epoch_order(len(active.train), epoch, active.job["seed"])
+        batch = [active.train[i] for i in order[index * active.hyper.batch_size:(index + 1) * active.hyper.batch_size]]
+        loss = active.trainer.step(batch)
+        job = active.job
+        job["trained_tokens"] += sum(len(e.input_ids) + job["prompt_tuning"]["num_virtual_tokens"] for e in batch)
+        job["train_loss"], job["progress"] = loss, {"step": step + 1, "total_steps": active.total_steps}
+        is_epoch_end = index == steps_per_epoch - 1
+        if is_epoch_end and active.validation:
+            job["valid_loss"] = active.trainer.evaluate(active.validation, active.hyper.batch_size)
+        if is_epoch_end or (step + 1) % self._checkpoint_every == 0:
+            self._state.save_checkpoint(job["id"], active.trainer.state_dict())
+            self._state.save_job(job)
+            self._state.add_event(job["id"], f"step {step + 1}/{active.total_steps}: training loss {loss:.4f}"
+                                  + (f", validation loss {job['valid_loss']:.4f}" if job.get("valid_loss") else ""),
+                                  data={"step": step + 1, "train_loss": loss, "valid_loss": job.get("valid_loss")})
+        if step + 1 >= active.total_steps:
+            self._publish(active)
+
+    def _publish(self, active: _Active) -> None:
+        job = active.job
+        prompt = self._store.put(job["task_id"], active.trainer.prompt.detach(), task_type=self._task_type)
+        self._engine.forget_task(job["task_id"])
+        job["fine_tuned_model"] = job["task_id"]
+        self._end(active, "succeeded", f"published task {job['task_id']!r} version {prompt.version}")
+
+    def _end(self, active: _Active, status: str, message: str, error: dict | None = None) -> None:
+        self._active = None
+        self._finish(active.job, status, message, error)
+
+    def _finish(self, job: dict, status: str, message: str, error: dict | None = None) -> None:
+        job.update(status=status, finished_at=int(time.time()), error=error)
+        self._state.save_job(job)
+        self._state.add_event(job["id"], message, level="error" if status == "failed" else "info")
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,116 @@
+"""Training state on disk: uploaded files and jobs, so both survive a restart.
+
+Layout under the training folder (default `<store>/.training`, which the store's listing never shows):
+`files/<id>.jsonl` + `files/<id>.json` (metadata), `jobs/<id>.json` (the job), `jobs/<id>.events.jsonl`
+(its events, appended), `jobs/<id>.ckpt` (prompt and optimizer state, every few steps). Every JSON write
+is a temporary file renamed into place: a crash leaves the old record or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class TrainingState:
+    """Thread-safe: the API (event loop) and the runner (engine thread) both use it."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        (self.root / "files").mkdir(parents=True, exist_ok=True)
+        (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    # ---- files ----
+    def add_file(self, data: bytes, *, filename: str, purpose: str, tenant: str) -> dict:
+        """Store an uploaded file; its OpenAI file object (plus the owner)."""
+        record = {"id": f"file-{secrets.token_hex(12)}", "object": "file", "bytes": len(data),
+                  "created_at": int(time.time()), "filename": filename, "purpose": purpose,
+                  "status": "processed", "tenant": tenant}
+        _write_atomic(self.root / "files" / f"{record['id']}.jsonl", data)
+        self._write_json(self.root / "files" / f"{record['id']}.json", record)
+        return record
+
+    def file(self, file_id: str) -> dict | None:
+        return self._read_json(self.root / "files" / f"{_safe(file_id)}.json")
+
+    def file_data(self, file_id: str) -> bytes:
+        return (self.root / "files" / f"{_safe(file_id)}.jsonl").read_bytes()
+
+    def files(self) -> list[dict]:
+        return sorted((r for p in (self.root / "files").glob("*.json") if (r := self._read_json(p))),
+                      key=lambda r: (r["created_at"], r["id"]), reverse=True)
+
+    def delete_file(self, file_id: str) -> None:
+        for suffix in (".jsonl", ".json"):
+            (self.root / "files" / f"{_safe(file_id)}{suffix}").unlink(missing_ok=True)
+
+    # ---- jobs ----
+    def save_job(self, job: dict) -> None:
+        self._write_json(self.root / "jobs" / f"{job['id']}.json", job)
+
+    def job(self, job_id: str) -> dict | None:
+        return self._read_json(self.root / "jobs" / f"{_safe(job_id)}.json")
+
+    def jobs(self) -> list[dict]:
+        return sorted((r for p in (self.root / "jobs").glob("*.json") if (r := self._read_json(p))),
+                      key=lambda r: (r["created_at"], r["id"]), reverse=True)
+
+    def add_event(self, job_id: str, message: str, *, level: str = "info", data: dict | None = None) -> dict:
+        event = {"id": f"ftevent-{secrets.token_hex(8)}", "object": "fine_tuning.job.event",
+                 "created_at": int(time.time()), "level": level, "message": message, "type": "message",
+                 "data": data or {}}
+        with self._lock, open(self.root / "jobs" / f"{_safe(job_id)}.events.jsonl", "a") as f:
+            f.write(json.dumps(event) + "\n")
+        return event
+
+    def events(self, job_id: str) -> list[dict]:
+        """Oldest first."""
+        path = self.root / "jobs" / f"{_safe(job_id)}.events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def save_checkpoint(self, job_id: str, state: dict) -> None:
+        tmp = self.root / "jobs" / f".{_safe(job_id)}.ckpt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.root / "jobs" / f"{_safe(job_id)}.ckpt")
+
+    def checkpoint(self, job_id: str) -> dict | None:
+        path = self.root / "jobs" / f"{_safe(job_id)}.ckpt"
+        return torch.load(path, weights_only=False) if path.exists() else None
+
+    # ---- helpers ----
+    def _write_json(self, path: Path, record: dict) -> None:
+        with self._lock:
+            _write_atomic(path, json.dumps(record).encode())
+
+    @staticmethod
+    def _read_json(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _safe(identifier: str) -> str:
+    """Ids come from URLs: never a path."""
+    if not identifier or not identifier.replace("-", "").replace("_", "").isalnum():
+        raise KeyError(identifier)
+    return identifier
