@@ -65,9 +65,19 @@ async def closed_round(url: str, tasks: list[str], num: int, new_tokens: int, of
 
 
 def wait_for_replicas(url: str, num: int, timeout_s: float = 600) -> None:
-    """/ready answers once one replica is up; wait until `num` are."""
+    """/ready answers once one replica is up; wait until `num` are, and the ingress's router sends requests
+    to all of them (it learns of a replica a moment after the replica reports itself)."""
+    async def answered_by() -> tuple[set, set]:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+            replies = await asyncio.gather(*(c.get("/ready") for _ in range(8)))
+        return ({r.headers.get("x-promptserve-replicas-live") for r in replies},
+                {r.headers.get("x-promptserve-replica") for r in replies})
+
     deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{url}/ready", timeout=10).headers.get("x-promptserve-replicas-live") != str(num):
+    while True:
+        live, replicas = asyncio.run(answered_by())
+        if live == {str(num)} and len(replicas) == num:
+            return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{num} replicas never came up")
         time.sleep(0.5)

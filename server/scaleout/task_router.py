@@ -6,7 +6,8 @@ learns what a replica holds only from the replica's reports, a moment later. So 
 lands on one replica. Taking up a soft prompt is cheap: one store read, and one prefill of its virtual
 tokens. A replica with twice the rows of its neighbour costs every one of its requests. So:
 
-1. Replicas that hold the task (Ray's reports) are preferred. Failing those, its home replica is, by
+1. Replicas that hold the task (Ray's reports, and where this router last sent it, which it knows at
+   once) are preferred. Failing those, its home replica is, by
    rendezvous hashing of (task, replica), so a burst of new tasks spreads evenly and each task's requests
    agree on one replica before any report arrives.
 2. A preferred replica is taken only while its ongoing requests exceed the least loaded replica's by at
@@ -18,12 +19,14 @@ tokens. A replica with twice the rows of its neighbour costs every one of its re
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+import random
+from collections import Counter, OrderedDict
 
 from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 TARGET_PREFIX = "@replica:"
 DEFAULT_IMBALANCE = 2
+MAX_REMEMBERED_TASKS = 100_000
 
 
 class TaskAffinityRouter(MultiplexMixin, RequestRouter):
@@ -34,6 +37,18 @@ class TaskAffinityRouter(MultiplexMixin, RequestRouter):
         # Requests this router has sent to each replica and not seen end. Ray's own queue-length cache
         # forgets an entry after a few seconds, which a long generation outlives.
         self._num_ongoing: Counter[ReplicaID] = Counter()
+        # Task -> the replica this router last sent it to: known at once, while Ray's reports of what a
+        # replica holds arrive a moment later (a replica set that changed in between moves homes).
+        self._last_sent: OrderedDict[str, ReplicaID] = OrderedDict()
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        super().on_request_routed(pending_request, replica_id, result)
+        task_id = pending_request.metadata.multiplexed_model_id
+        if task_id and not task_id.startswith(TARGET_PREFIX):
+            self._last_sent[task_id] = replica_id
+            self._last_sent.move_to_end(task_id)
+            if len(self._last_sent) > MAX_REMEMBERED_TASKS:
+                self._last_sent.popitem(last=False)
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)
@@ -52,7 +67,9 @@ class TaskAffinityRouter(MultiplexMixin, RequestRouter):
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # every replica was a candidate
         task_id = pending_request.metadata.multiplexed_model_id if pending_request else ""
-        holders = self._multiplexed_model_id_to_replica_ids.get(task_id, set()) if task_id else set()
+        holders = set(self._multiplexed_model_id_to_replica_ids.get(task_id, ())) if task_id else set()
+        if task_id in self._last_sent:
+            holders.add(self._last_sent[task_id])
         loads = {r.replica_id: self._num_ongoing[r.replica_id] for r in candidate_replicas}
         return rank(task_id, candidate_replicas, holders, loads, self._imbalance)
 
@@ -65,6 +82,7 @@ def rank(task_id: str, replicas: list, holders: set, loads: dict, imbalance: int
     least = min(loads[r.replica_id] for r in replicas)
     by_load = sorted(replicas, key=lambda r: loads[r.replica_id])
     least_loaded = [r for r in by_load if loads[r.replica_id] == least]
+    random.shuffle(least_loaded)  # Ray takes the first of equals: ties go anywhere, not always to one replica
     if not task_id:
         return [least_loaded, by_load]
     preferred = [r for r in replicas if r.replica_id in holders] or [home(task_id, replicas)]

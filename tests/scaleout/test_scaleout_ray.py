@@ -66,11 +66,19 @@ def cluster(tiny_model_dir, tmp_path_factory):
 
 
 def _wait_for_replicas(url: str, num: int) -> None:
-    """/ready answers once one replica is up; wait until `num` are."""
+    """/ready answers once one replica is up; wait until `num` are, and until the ingress's router sends
+    requests to all of them (it learns of a new replica a moment after the replica reports itself)."""
+    import concurrent.futures
+
     deadline = time.monotonic() + 300
-    while httpx.get(f"{url}/ready", timeout=10).headers.get("x-promptserve-replicas-live") != str(num):
-        assert time.monotonic() < deadline, f"{num} replicas never came up"
-        time.sleep(0.5)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        while True:
+            replies = list(pool.map(lambda _: httpx.get(f"{url}/ready", timeout=10), range(8)))
+            if {r.headers.get("x-promptserve-replicas-live") for r in replies} == {str(num)} \
+                    and len({r.headers.get("x-promptserve-replica") for r in replies}) == num:
+                return
+            assert time.monotonic() < deadline, f"{num} replicas never came up"
+            time.sleep(0.5)
 
 
 def _client(url: str, key: str = ADMIN) -> httpx.Client:
