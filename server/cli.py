@@ -1,4 +1,4 @@
-"""`promptserve serve|loadtest`: parses flags (each also PROMPTSERVE_<NAME>) and starts things, nothing else."""
+"""`promptserve serve|loadtest|train`: parses flags (each also PROMPTSERVE_<NAME>) and starts things, nothing else."""
 
 from __future__ import annotations
 
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(serve_parser)
     serve_parser.set_defaults(handler=serve)
     _add_loadtest(subparsers)
+    from server.training.client import add_subparser as add_train
+
+    add_train(subparsers)
     # `promptserve --help` shows the serve flags too: they are what most people come for.
     parser.epilog = "`promptserve serve` options:\n" + _options_text(serve_parser)
     return parser

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     training_max_tokens_per_example: int = Field(2048, ge=1, description="Most tokens in one training example")
     training_max_steps: int = Field(20_000, ge=1, description="Most optimizer steps a job may take")
     training_max_jobs_per_tenant: int = Field(2, ge=1, description="Jobs a tenant may have queued or running")
+    training_share_under_load: float = Field(0.01, gt=0, le=1, description="Most of the time training may take "
+                                             "while requests are running (all of it when the server is idle)")
     # Scale-out on Ray Serve (extra `promptserve[ray]`); 0 replicas: one process, no Ray.
     replicas: int = Field(0, ge=0, description="Engine replicas on Ray Serve behind one endpoint (0: a single "
                           "process, no Ray); with --max-replicas, the autoscaling minimum")

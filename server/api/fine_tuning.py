@@ -6,12 +6,12 @@ tenant that made them (an admin key too sees only its own)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
-import secrets
-import time
 from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from server.api.deps import get_runtime, get_tenant
@@ -20,9 +20,11 @@ from server.errors import ApiError
 from server.runtime import Runtime
 from prompt_store.task_ids import check_task_id
 from server.training.examples import ExampleError, ExampleLimits, read_jsonl
+from server.training.state import new_job
 
 router = APIRouter(tags=["fine-tuning"])
 MAX_EPOCHS = 100
+EVENT_POLL_S = 0.5
 
 
 class PromptTuningSpec(BaseModel):
@@ -137,14 +139,9 @@ async def create_job(body: JobCreate, request: Request, runtime: Runtime = Depen
     if len(mine) >= runtime.settings.training_max_jobs_per_tenant:
         raise ApiError(429, "rate_limited", f"this tenant already has {len(mine)} jobs queued or running "
                                             f"(limit {runtime.settings.training_max_jobs_per_tenant})")
-    job = {"id": f"ftjob-{secrets.token_hex(12)}", "object": "fine_tuning.job", "model": body.model,
-           "created_at": int(time.time()), "finished_at": None, "fine_tuned_model": None,
-           "organization_id": tenant.name, "result_files": [], "status": "queued",
-           "training_file": body.training_file, "validation_file": body.validation_file, "hyperparameters": hyper,
-           "trained_tokens": 0, "error": None, "seed": body.seed if body.seed is not None else secrets.randbits(31),
-           "estimated_finish": None, "integrations": [], "task_id": body.task_id,
-           "prompt_tuning": body.prompt_tuning.model_dump(), "progress": {"step": 0, "total_steps": None},
-           "train_loss": None, "valid_loss": None, "tenant": tenant.name}
+    job = new_job(model=body.model, task_id=body.task_id, training_file=body.training_file,
+                  validation_file=body.validation_file, hyperparameters=hyper,
+                  prompt_tuning=body.prompt_tuning.model_dump(), seed=body.seed, tenant=tenant.name)
     await asyncio.to_thread(state.save_job, job)
     state.add_event(job["id"], f"job queued: task {body.task_id!r}")
     runner.submit(job["id"])
@@ -165,16 +162,21 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = Que
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 async def get_job(job_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
-    state, _ = _training(request)
-    return _public(_owned(_lookup(state.job, job_id), tenant, "fine-tuning job", job_id))
+    """The job, with its progress and losses as of the latest step."""
+    state, runner = _training(request)
+    job = _owned(_lookup(state.job, job_id), tenant, "fine-tuning job", job_id)
+    return _public(runner.live_view(job_id) or job)
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+@router.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=None)
 async def job_events(job_id: str, request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=1000),
-                     tenant: Tenant = Depends(get_tenant)) -> dict:
-    """Newest first, as OpenAI lists them."""
+                     stream: bool = False, tenant: Tenant = Depends(get_tenant)) -> dict | StreamingResponse:
+    """Newest first, as OpenAI lists them. With `stream=true`: server-sent events, oldest first, as they
+    happen, then `data: [DONE]` when the job has ended."""
     state, _ = _training(request)
     _owned(_lookup(state.job, job_id), tenant, "fine-tuning job", job_id)
+    if stream:
+        return StreamingResponse(_event_stream(state, job_id), media_type="text/event-stream")
     events = list(reversed(await asyncio.to_thread(state.events, job_id)))
     if after is not None:
         ids = [e["id"] for e in events]
@@ -191,6 +193,20 @@ async def cancel_job(job_id: str, request: Request, tenant: Tenant = Depends(get
         raise ApiError(409, "conflict", f"the job has already ended ({job['status']})")
     runner.cancel(job_id)
     return _public(job)
+
+
+async def _event_stream(state, job_id: str):
+    num_sent = 0
+    while True:
+        job = await asyncio.to_thread(state.job, job_id)  # read before the events: an ended job's are all written
+        events = await asyncio.to_thread(state.events, job_id)
+        for event in events[num_sent:]:
+            yield f"data: {json.dumps(event)}\n\n"
+        num_sent = len(events)
+        if job is None or job["status"] not in ("validating_files", "queued", "running"):
+            yield "data: [DONE]\n\n"
+            return
+        await asyncio.sleep(EVENT_POLL_S)
 
 
 def _lookup(read, ident: str):

@@ -45,13 +45,25 @@ class PromptTrainer:
         self.num_steps = 0
 
     def step(self, batch: list[Example]) -> float:
-        """One AdamW update of the prompt on `batch`."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(batch)
+        """One AdamW update of the prompt on `batch`; its loss before the update."""
+        loss = self.accumulate(batch, num_counted(batch))
+        self.apply()
+        return loss
+
+    def accumulate(self, part: list[Example], num_counted_in_batch: int) -> float:
+        """Add the gradient of `part` of a batch (its share of the batch's mean loss); returns that share.
+        A batch taken part by part gets the gradient of the whole batch: the loss is a mean over counted
+        tokens, so each part's mean is weighted by its tokens. This lets a step be split into short slices."""
+        weight = num_counted(part) / num_counted_in_batch
+        loss = self._loss(part) * weight if weight != 1 else self._loss(part)
         loss.backward()
-        self.optimizer.step()
-        self.num_steps += 1
         return float(loss.detach())
+
+    def apply(self) -> None:
+        """The AdamW update with the gradient accumulated since the last one."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_steps += 1
 
     def evaluate(self, examples: list[Example], batch_size: int) -> float:
         """Mean loss per counted token over `examples` (validation), no update."""
@@ -59,7 +71,7 @@ class PromptTrainer:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 batch = examples[start:start + batch_size]
-                num = sum(_num_counted(e, self.is_encoder_decoder) for e in batch)
+                num = num_counted(batch)
                 total += float(self._loss(batch)) * num
                 count += num
         return total / max(count, 1)
@@ -106,7 +118,7 @@ def _right_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor
     return values.to(device), mask.to(device)
 
 
-def _num_counted(example: Example, is_encoder_decoder: bool) -> int:
-    labels = example.labels
-    # A causal model's loss compares position t with token t+1: the first label is never counted.
-    return sum(1 for label in (labels if is_encoder_decoder else labels[1:]) if label != IGNORE)
+def num_counted(examples: list[Example]) -> int:
+    """Tokens the loss counts: every label but -100 (a causal row's labels follow its virtual tokens, so
+    even its first text label is predicted, from the last virtual token)."""
+    return sum(1 for e in examples for label in e.labels if label != IGNORE)

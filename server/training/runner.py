@@ -1,13 +1,20 @@
 """TrainingRunner: runs fine-tuning jobs one at a time, on the engine's thread, between inference steps.
 
-The engine calls `run_slice(is_serving)` after each inference step (and continuously while it has no
-requests): one training step per call. While requests are running or waiting, a step is taken only when
-training has had less than SERVING_SHARE of the time since its last step, so serving keeps at least 75 %
-of the device; an idle server trains back to back. Every `checkpoint_every` steps the prompt and the
-optimizer state are saved; a job found running at start resumes from its checkpoint. The batch schedule
-is a function of (seed, epoch), so a resumed job takes the same batches it would have. On success the
-prompt is written to the store as a new version of the task (atomically; running requests finish on the
-old one) and the task's cached virtual-token KV is dropped.
+The engine calls `run_slice(is_serving)` after each inference step, and over and over while it has no
+requests. A server idle for IDLE_AFTER_S takes a whole training step per call. Otherwise a slice is
+one example's forward and backward (the step's gradient is accumulated example by example, which gives
+the same update), and a slice is taken only when training has had less than `share_under_load` of the
+time since its last one (a request that arrives in a short gap between requests then waits for one
+example at most, not a whole step). On a CPU, one example of a 100M-parameter model takes longer than a
+decode step, so every slice stalls the running rows once; the default (1 %) keeps those stalls out of
+the inter-token p99. Serving comes first: under sustained load a job advances slowly, and at full speed
+whenever the server is idle.
+
+Every `checkpoint_every` steps the prompt and the optimizer state are saved; a job found running at
+start resumes from its checkpoint. The batch schedule is a function of (seed, epoch), so a resumed job
+takes the same batches it would have. On success the prompt is written to the store as a new version of
+the task (atomically; running requests finish on the old one) and the task's cached virtual-token KV is
+dropped.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ from typing import Any
 
 from prompt_store.init import random_init, sample_vocab_init, text_init
 from server.training.examples import Example, read_jsonl
-from server.training.prompt_trainer import Hyperparameters, PromptTrainer, epoch_order
+from server.training.prompt_trainer import Hyperparameters, PromptTrainer, epoch_order, num_counted
 from server.training.state import TrainingState
 
 log = logging.getLogger(__name__)
-SERVING_SHARE = 0.25
+DEFAULT_SHARE_UNDER_LOAD = 0.01
+IDLE_AFTER_S = 0.5  # no request for this long: the server is idle (a gap between requests is not)
 ACTIVE = ("validating_files", "queued", "running")
 
 
@@ -37,20 +45,24 @@ class _Active:
     validation: list[Example]
     hyper: Hyperparameters
     total_steps: int
+    num_done_in_batch: int = 0  # examples of the current step's batch already accumulated
+    batch_loss: float = 0.0
 
 
 class TrainingRunner:
     """Side work of the engine (Engine.set_side_work)."""
 
     def __init__(self, state: TrainingState, *, model: Any, tokenizer: Any, store: Any, engine: Any,
-                 task_type: str, checkpoint_every: int = 10):
+                 task_type: str, checkpoint_every: int = 10, share_under_load: float = DEFAULT_SHARE_UNDER_LOAD):
         self._state, self._model, self._tokenizer = state, model, tokenizer
         self._store, self._engine, self._task_type = store, engine, task_type
         self._checkpoint_every = checkpoint_every
+        self._share_under_load = share_under_load
         self._queue: deque[str] = deque()
         self._cancelled: set[str] = set()
         self._active: _Active | None = None
         self._next_step_at = 0.0
+        self._last_busy = 0.0
         for job in reversed(state.jobs()):  # oldest first: jobs a restart interrupted go on
             if job["status"] in ACTIVE:
                 state.add_event(job["id"], "the server restarted: the job goes on from its last checkpoint")
@@ -65,6 +77,11 @@ class TrainingRunner:
         self._cancelled.add(job_id)
         self._engine.notify()
 
+    def live_view(self, job_id: str) -> dict | None:
+        """The running job as it is now (its record on disk is rewritten at checkpoints only)."""
+        active = self._active
+        return dict(active.job) if active is not None and active.job["id"] == job_id else None
+
     # ---- the engine's side ----
     def has_work(self) -> bool:
         return self._active is not None or bool(self._queue)
@@ -76,18 +93,23 @@ class TrainingRunner:
         if active.job["id"] in self._cancelled:
             self._end(active, "cancelled", "the job was cancelled")
             return
-        if is_serving and time.monotonic() < self._next_step_at:
-            return
         started = time.monotonic()
+        if is_serving:
+            self._last_busy = started
+        is_idle = started - self._last_busy > IDLE_AFTER_S
+        if not is_idle and started < self._next_step_at:
+            if not is_serving:
+                time.sleep(0.002)  # a gap between requests: wait for them, without spinning the engine's loop
+            return
         try:
-            self._step(active)
+            self._slice(active, is_whole_step=is_idle)
         except Exception as exc:  # noqa: BLE001 - the job fails with its reason; serving goes on
             log.exception("training job %s failed", active.job["id"])
             self._end(active, "failed", f"training failed: {exc}", error={"code": "training_error",
                                                                          "message": str(exc), "param": None})
             return
         took = time.monotonic() - started
-        self._next_step_at = time.monotonic() + took * (1 - SERVING_SHARE) / SERVING_SHARE
+        self._next_step_at = time.monotonic() + took * (1 - self._share_under_load) / self._share_under_load
 
     def _start_next(self) -> bool:
         while self._queue:
@@ -133,26 +155,35 @@ class TrainingRunner:
             return sample_vocab_init(n, embeddings, seed=job["seed"])
         return random_init(n, embeddings.weight.shape[1], seed=job["seed"])
 
-    def _step(self, active: _Active) -> None:
+    def _slice(self, active: _Active, *, is_whole_step: bool) -> None:
+        """The rest of the current step's batch, or its next example; the update once the batch is done."""
         steps_per_epoch = math.ceil(len(active.train) / active.hyper.batch_size)
-        step = active.trainer.num_steps
-        epoch, index = divmod(step, steps_per_epoch)
+        epoch, index = divmod(active.trainer.num_steps, steps_per_epoch)
         order = epoch_order(len(active.train), epoch, active.job["seed"])
-        batch = [active.train[i] for i in order[index * active.hyper.batch_size:(index + 1) * active.hyper.batch_size]]
-        loss = active.trainer.step(batch)
-        job = active.job
+        size = active.hyper.batch_size
+        batch = [active.train[i] for i in order[index * size:(index + 1) * size]]
+        start = active.num_done_in_batch
+        part = batch[start:] if is_whole_step else batch[start:start + 1]
+        active.batch_loss += active.trainer.accumulate(part, num_counted(batch))
+        active.num_done_in_batch += len(part)
+        if active.num_done_in_batch == len(batch):
+            active.trainer.apply()
+            self._after_step(active, batch, is_epoch_end=index == steps_per_epoch - 1)
+            active.num_done_in_batch, active.batch_loss = 0, 0.0
+
+    def _after_step(self, active: _Active, batch: list[Example], *, is_epoch_end: bool) -> None:
+        job, step, loss = active.job, active.trainer.num_steps, active.batch_loss
         job["trained_tokens"] += sum(len(e.input_ids) + job["prompt_tuning"]["num_virtual_tokens"] for e in batch)
-        job["train_loss"], job["progress"] = loss, {"step": step + 1, "total_steps": active.total_steps}
-        is_epoch_end = index == steps_per_epoch - 1
+        job["train_loss"], job["progress"] = loss, {"step": step, "total_steps": active.total_steps}
         if is_epoch_end and active.validation:
             job["valid_loss"] = active.trainer.evaluate(active.validation, active.hyper.batch_size)
-        if is_epoch_end or (step + 1) % self._checkpoint_every == 0:
+        if is_epoch_end or step % self._checkpoint_every == 0:
             self._state.save_checkpoint(job["id"], active.trainer.state_dict())
             self._state.save_job(job)
-            self._state.add_event(job["id"], f"step {step + 1}/{active.total_steps}: training loss {loss:.4f}"
+            self._state.add_event(job["id"], f"step {step}/{active.total_steps}: training loss {loss:.4f}"
                                   + (f", validation loss {job['valid_loss']:.4f}" if job.get("valid_loss") else ""),
-                                  data={"step": step + 1, "train_loss": loss, "valid_loss": job.get("valid_loss")})
-        if step + 1 >= active.total_steps:
+                                  data={"step": step, "train_loss": loss, "valid_loss": job.get("valid_loss")})
+        if step >= active.total_steps:
             self._publish(active)
 
     def _publish(self, active: _Active) -> None:
@@ -168,8 +199,9 @@ class TrainingRunner:
 
     def _finish(self, job: dict, status: str, message: str, error: dict | None = None) -> None:
         job.update(status=status, finished_at=int(time.time()), error=error)
-        self._state.save_job(job)
+        # The event first: whoever sees the job ended has every event of it (the SSE stream relies on it).
         self._state.add_event(job["id"], message, level="error" if status == "failed" else "info")
+        self._state.save_job(job)
 
 
 def _pad_id(tokenizer: Any) -> int:

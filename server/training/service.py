@@ -14,6 +14,7 @@ def start_training(runtime) -> tuple[TrainingState, TrainingRunner] | None:
     root = runtime.settings.training_dir or runtime.settings.store / ".training"
     state = TrainingState(root)
     runner = TrainingRunner(state, model=runtime.loaded.model, tokenizer=runtime.tokenizer, store=runtime.store,
-                            engine=runtime.engine, task_type=runtime.loaded.task_type)
+                            engine=runtime.engine, task_type=runtime.loaded.task_type,
+                            share_under_load=runtime.settings.training_share_under_load)
     runtime.engine.set_side_work(runner)
     return state, runner

@@ -100,6 +100,18 @@ class TrainingState:
             return None
 
 
+def new_job(*, model: str, task_id: str, training_file: str, validation_file: str | None, hyperparameters: dict,
+            prompt_tuning: dict, seed: int | None, tenant: str) -> dict:
+    """A queued job's record: OpenAI's fine_tuning.job fields, then ours (task, prompt tuning, progress)."""
+    return {"id": f"ftjob-{secrets.token_hex(12)}", "object": "fine_tuning.job", "model": model,
+            "created_at": int(time.time()), "finished_at": None, "fine_tuned_model": None,
+            "organization_id": tenant, "result_files": [], "status": "queued", "training_file": training_file,
+            "validation_file": validation_file, "hyperparameters": hyperparameters, "trained_tokens": 0,
+            "error": None, "seed": seed if seed is not None else secrets.randbits(31), "estimated_finish": None,
+            "integrations": [], "task_id": task_id, "prompt_tuning": prompt_tuning,
+            "progress": {"step": 0, "total_steps": None}, "train_loss": None, "valid_loss": None, "tenant": tenant}
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "wb") as f:

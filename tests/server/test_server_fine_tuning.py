@@ -148,3 +148,40 @@ def test_training_is_refused_on_a_shared_store(make_settings, tmp_path):
             with pytest.raises(openai.APIStatusError) as refused:
                 client.files.create(file=("t.jsonl", _jsonl(TRAIN)), purpose="fine-tune")
     assert refused.value.status_code == 501
+
+
+def test_events_stream_as_sse_until_the_job_ends(live):
+    with _client(live) as client:
+        uploaded = client.files.create(file=("train.jsonl", _jsonl(TRAIN)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(training_file=uploaded.id, model="tiny",
+                                             hyperparameters={"n_epochs": 2, "batch_size": 4},
+                                             extra_body={"task_id": "streamed"})
+    messages = []
+    with live.client() as c, c.stream("GET", f"/v1/fine_tuning/jobs/{job.id}/events", params={"stream": "true"},
+                                      timeout=120) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                messages.append(line[6:])
+    assert messages[-1] == "[DONE]"
+    texts = [json.loads(m)["message"] for m in messages[:-1]]
+    assert texts[0].startswith("job queued") and texts[-1].startswith("published task 'streamed'"), texts
+
+
+def test_the_train_command_trains_a_task_and_exits_when_it_is_served(live, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(_jsonl(TRAIN))
+    done = subprocess.run([sys.executable, "-m", "server.cli", "train", "--data", str(data), "--task", "cli-task",
+                           "--url", live.url, "--epochs", "1", "--batch-size", "4", "--virtual-tokens", "3"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "task 'cli-task' is served" in done.stderr
+    with live.client() as c:
+        assert c.get("/v1/tasks/cli-task").json()["num_virtual_tokens"] == 3
+    data.write_bytes(b'{"prompt": "no completion"}\n')
+    refused = subprocess.run([sys.executable, "-m", "server.cli", "train", "--data", str(data), "--task", "x",
+                              "--url", live.url], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "line 1" in refused.stderr and "422" in refused.stderr

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from prompt_store.init import random_init
 from server.training.examples import encode
-from server.training.prompt_trainer import Hyperparameters, PromptTrainer, _right_padded, epoch_order
+from server.training.prompt_trainer import Hyperparameters, PromptTrainer, _right_padded, epoch_order, num_counted
 
 PAIRS = [("The river runs", " past the mill"), ("A cat sat", " on the mat today"), ("Bread and", " butter"),
          ("Once upon a time", " there was a king"), ("Hi", " there"), ("The old mill", " stood still"),
@@ -60,9 +60,16 @@ def _peft_run(model, task_type, init, batches, pad_id, is_encoder_decoder):
     return weight.detach().clone(), losses
 
 
-def _ours(model, init, batches, pad_id):
+def _ours(model, init, batches, pad_id, part_size=None):
     trainer = PromptTrainer(_frozen(model), init, HYPER, pad_token_id=pad_id)
-    losses = [trainer.step(batch) for batch in batches]
+    if part_size is None:
+        losses = [trainer.step(batch) for batch in batches]
+    else:  # each step taken in parts (the server's slices under load), the gradient accumulated
+        losses = []
+        for batch in batches:
+            losses.append(sum(trainer.accumulate(batch[i:i + part_size], num_counted(batch))
+                              for i in range(0, len(batch), part_size)))
+            trainer.apply()
     assert all(p.grad is None for p in model.parameters())  # the base model got no gradient
     return trainer.prompt.detach().clone(), losses
 
@@ -74,14 +81,15 @@ def _check(ours, theirs, init):
     assert losses == pytest.approx(peft_losses, rel=1e-5, abs=1e-6)
 
 
-def test_causal_lm_training_equals_peft(tiny_model_dir):
+@pytest.mark.parametrize("part_size", [None, 1], ids=["whole-batches", "one-example-slices"])
+def test_causal_lm_training_equals_peft(tiny_model_dir, part_size):
     folder = tiny_model_dir("llama")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     examples = [encode(p, c, tokenizer, is_encoder_decoder=False) for p, c in PAIRS]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = _batches(examples)
     init = random_init(NUM_VIRTUAL, AutoModelForCausalLM.from_pretrained(folder).config.hidden_size, seed=3)
-    ours = _ours(AutoModelForCausalLM.from_pretrained(folder), init, batches, pad_id)
+    ours = _ours(AutoModelForCausalLM.from_pretrained(folder), init, batches, pad_id, part_size)
     theirs = _peft_run(_frozen(AutoModelForCausalLM.from_pretrained(folder)), "CAUSAL_LM", init, batches, pad_id,
                        False)
     _check(ours, theirs, init)
