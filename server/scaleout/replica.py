@@ -55,7 +55,7 @@ class EngineReplica:
         return task_id
 
     async def handle(self, record: RequestRecord):
-        """Forward one request through this replica's app; yields ResponseStart, then body chunks."""
+        """Forward one request through this replica's app; yields its parts (asgi_bridge.forward)."""
         task_id = serve.get_multiplexed_model_id()
         if task_id and not task_id.startswith(TARGET_PREFIX):
             num_holds = self._num_holds
