@@ -26,7 +26,7 @@ from bench_common import add_model_args, build_model, make_engine, make_store
 
 from prompt_store.init import random_init
 from server.training.examples import encode
-from server.training.prompt_trainer import Hyperparameters, PromptTrainer, _right_padded, epoch_order
+from server.training.prompt_trainer import Hyperparameters, PromptTrainer, epoch_order, right_padded
 
 TEXT = "The river runs past the old mill and the bridge"
 
@@ -86,8 +86,8 @@ def peft_loop(peft_model, init, hyper, batch_list, pad) -> float:
     optimizer = torch.optim.AdamW([weight], lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
 
     def step(batch):
-        ids, mask = _right_padded([e.input_ids for e in batch], pad, "cpu")
-        labels, _ = _right_padded([e.labels for e in batch], -100, "cpu")
+        ids, mask = right_padded([e.input_ids for e in batch], pad, "cpu")
+        labels, _ = right_padded([e.labels for e in batch], -100, "cpu")
         optimizer.zero_grad()
         peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         optimizer.step()
@@ -154,7 +154,7 @@ def serving(args, loaded) -> None:
     engine.set_side_work(runner)
     lines = "\n".join(json.dumps({"prompt": " ".join(TEXT.split()[i % 5:i % 5 + 5]), "completion": f" answer {i}"})
                       for i in range(64)).encode()
-    file_id = state.add_file(lines, filename="train.jsonl", purpose="fine-tune", tenant="bench")["id"]
+    file_id = state.add_file(lines, filename="train.jsonl", purpose="fine-tune", tenant="bench", num_examples=64)["id"]
     p99s = {"without": [], "with": []}
     p50s = {"without": [], "with": []}
     try:

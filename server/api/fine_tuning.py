@@ -14,13 +14,14 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from prompt_store.task_ids import check_task_id
 from server.api.deps import get_runtime, get_tenant
 from server.auth import ForbiddenError, Tenant
 from server.errors import ApiError
 from server.runtime import Runtime
-from prompt_store.task_ids import check_task_id
 from server.training.examples import ExampleError, ExampleLimits, read_jsonl
-from server.training.state import new_job
+from server.training.prompt_trainer import Hyperparameters
+from server.training.state import ACTIVE_STATUSES, new_job
 
 router = APIRouter(tags=["fine-tuning"])
 MAX_EPOCHS = 100
@@ -65,7 +66,7 @@ def _training(request: Request):
 
 
 def _public(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "tenant"}
+    return {k: v for k, v in record.items() if k not in ("tenant", "num_examples")}
 
 
 def _owned(record: dict | None, tenant: Tenant, what: str, ident: str) -> dict:
@@ -86,9 +87,9 @@ async def upload_file(request: Request, purpose: str = Form(...), file: UploadFi
     if len(data) > settings.training_max_file_bytes:
         raise ApiError(413, "payload_too_large", f"the file is {len(data)} bytes; the limit is "
                                                  f"{settings.training_max_file_bytes}")
-    await asyncio.to_thread(_check_examples, runtime, data)
+    examples = await asyncio.to_thread(_check_examples, runtime, data)
     record = await asyncio.to_thread(state.add_file, data, filename=file.filename or "train.jsonl", purpose=purpose,
-                                     tenant=tenant.name)
+                                     tenant=tenant.name, num_examples=len(examples))
     return _public(record)
 
 
@@ -125,17 +126,12 @@ async def create_job(body: JobCreate, request: Request, runtime: Runtime = Depen
         raise ForbiddenError(f"this API key may not write task {body.task_id!r}")
     if body.prompt_tuning.init == "text" and not body.prompt_tuning.init_text:
         raise ApiError(422, "invalid_request", "prompt_tuning.init 'text' needs prompt_tuning.init_text")
-    num_examples = 0
-    for name in ("training_file", "validation_file"):
-        file_id = getattr(body, name)
-        if file_id is not None:
-            _owned(_lookup(state.file, file_id), tenant, "file", file_id)
-            if name == "training_file":
-                data = await asyncio.to_thread(state.file_data, file_id)
-                num_examples = len(await asyncio.to_thread(_check_examples, runtime, data))
-    hyper = _hyperparameters(body.hyperparameters, num_examples, runtime.settings.training_max_steps)
+    training = _owned(_lookup(state.file, body.training_file), tenant, "file", body.training_file)
+    if body.validation_file is not None:
+        _owned(_lookup(state.file, body.validation_file), tenant, "file", body.validation_file)
+    hyper = _hyperparameters(body.hyperparameters, training["num_examples"], runtime.settings.training_max_steps)
     mine = [j for j in await asyncio.to_thread(state.jobs)
-            if j["tenant"] == tenant.name and j["status"] in ("validating_files", "queued", "running")]
+            if j["tenant"] == tenant.name and j["status"] in ACTIVE_STATUSES]
     if len(mine) >= runtime.settings.training_max_jobs_per_tenant:
         raise ApiError(429, "rate_limited", f"this tenant already has {len(mine)} jobs queued or running "
                                             f"(limit {runtime.settings.training_max_jobs_per_tenant})")
@@ -189,7 +185,7 @@ async def cancel_job(job_id: str, request: Request, tenant: Tenant = Depends(get
     """The job stops before its next step; its task is left as it was."""
     state, runner = _training(request)
     job = _owned(_lookup(state.job, job_id), tenant, "fine-tuning job", job_id)
-    if job["status"] not in ("validating_files", "queued", "running"):
+    if job["status"] not in ACTIVE_STATUSES:
         raise ApiError(409, "conflict", f"the job has already ended ({job['status']})")
     runner.cancel(job_id)
     return _public(job)
@@ -203,7 +199,7 @@ async def _event_stream(state, job_id: str):
         for event in events[num_sent:]:
             yield f"data: {json.dumps(event)}\n\n"
         num_sent = len(events)
-        if job is None or job["status"] not in ("validating_files", "queued", "running"):
+        if job is None or job["status"] not in ACTIVE_STATUSES:
             yield "data: [DONE]\n\n"
             return
         await asyncio.sleep(EVENT_POLL_S)
@@ -230,8 +226,6 @@ def _check_examples(runtime: Runtime, data: bytes) -> list:
 
 
 def _hyperparameters(given: JobHyperparameters, num_examples: int, max_steps: int) -> dict:
-    from server.training.prompt_trainer import Hyperparameters
-
     default = Hyperparameters()
     hyper = {"n_epochs": default.n_epochs if given.n_epochs == "auto" else given.n_epochs,
              "batch_size": default.batch_size if given.batch_size == "auto" else given.batch_size,

@@ -89,13 +89,13 @@ class PromptTrainer:
         self.num_steps = state["num_steps"]
 
     def _loss(self, batch: list[Example]) -> torch.Tensor:
-        ids, mask = _right_padded([e.input_ids for e in batch], self._pad, self._device)  # [B, L]
+        ids, mask = right_padded([e.input_ids for e in batch], self._pad, self._device)  # [B, L]
         embeds = self.model.get_input_embeddings()(ids)  # [B, L, D]
         num_rows, n = ids.shape[0], self.prompt.shape[0]
         prompts = self.prompt.to(embeds.dtype).unsqueeze(0).expand(num_rows, -1, -1)  # [B, n, D]
         inputs = torch.cat([prompts, embeds], dim=1)
         mask = torch.cat([torch.ones(num_rows, n, dtype=mask.dtype, device=self._device), mask], dim=1)
-        labels, _ = _right_padded([e.labels for e in batch], IGNORE, self._device)
+        labels, _ = right_padded([e.labels for e in batch], IGNORE, self._device)
         if not self.is_encoder_decoder:
             labels = torch.cat([torch.full((num_rows, n), IGNORE, dtype=labels.dtype, device=self._device), labels],
                                dim=1)
@@ -108,7 +108,7 @@ def epoch_order(num_examples: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(num_examples, generator=generator).tolist()
 
 
-def _right_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     values = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

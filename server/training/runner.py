@@ -29,12 +29,11 @@ from typing import Any
 from prompt_store.init import random_init, sample_vocab_init, text_init
 from server.training.examples import Example, read_jsonl
 from server.training.prompt_trainer import Hyperparameters, PromptTrainer, epoch_order, num_counted
-from server.training.state import TrainingState
+from server.training.state import ACTIVE_STATUSES, TrainingState
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARE_UNDER_LOAD = 0.01
 IDLE_AFTER_S = 0.5  # no request for this long: the server is idle (a gap between requests is not)
-ACTIVE = ("validating_files", "queued", "running")
 
 
 @dataclass
@@ -64,7 +63,7 @@ class TrainingRunner:
         self._next_step_at = 0.0
         self._last_busy = 0.0
         for job in reversed(state.jobs()):  # oldest first: jobs a restart interrupted go on
-            if job["status"] in ACTIVE:
+            if job["status"] in ACTIVE_STATUSES:
                 state.add_event(job["id"], "the server restarted: the job goes on from its last checkpoint")
                 self._queue.append(job["id"])
 
@@ -114,7 +113,7 @@ class TrainingRunner:
     def _start_next(self) -> bool:
         while self._queue:
             job = self._state.job(self._queue.popleft())
-            if job is None or job["status"] not in ACTIVE:
+            if job is None or job["status"] not in ACTIVE_STATUSES:
                 continue
             if job["id"] in self._cancelled:
                 self._finish(job, "cancelled", "the job was cancelled")

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+ACTIVE_STATUSES = ("validating_files", "queued", "running")  # a job that has not ended
+
 
 class TrainingState:
     """Thread-safe: the API (event loop) and the runner (engine thread) both use it."""
@@ -29,11 +31,12 @@ class TrainingState:
         self._lock = threading.Lock()
 
     # ---- files ----
-    def add_file(self, data: bytes, *, filename: str, purpose: str, tenant: str) -> dict:
-        """Store an uploaded file; its OpenAI file object (plus the owner)."""
+    def add_file(self, data: bytes, *, filename: str, purpose: str, tenant: str, num_examples: int) -> dict:
+        """Store an uploaded (and checked) file; its OpenAI file object, plus the owner and the examples
+        counted when it was checked (a job's step bound needs them: the file is not read again for it)."""
         record = {"id": f"file-{secrets.token_hex(12)}", "object": "file", "bytes": len(data),
                   "created_at": int(time.time()), "filename": filename, "purpose": purpose,
-                  "status": "processed", "tenant": tenant}
+                  "status": "processed", "tenant": tenant, "num_examples": num_examples}
         _write_atomic(self.root / "files" / f"{record['id']}.jsonl", data)
         self._write_json(self.root / "files" / f"{record['id']}.json", record)
         return record

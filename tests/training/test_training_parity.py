@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from prompt_store.init import random_init
 from server.training.examples import encode
-from server.training.prompt_trainer import Hyperparameters, PromptTrainer, _right_padded, epoch_order, num_counted
+from server.training.prompt_trainer import Hyperparameters, PromptTrainer, epoch_order, num_counted, right_padded
 
 PAIRS = [("The river runs", " past the mill"), ("A cat sat", " on the mat today"), ("Bread and", " butter"),
          ("Once upon a time", " there was a king"), ("Hi", " there"), ("The old mill", " stood still"),
@@ -50,8 +50,8 @@ def _peft_run(model, task_type, init, batches, pad_id, is_encoder_decoder):
     optimizer = torch.optim.AdamW(trainable, lr=HYPER.learning_rate, weight_decay=HYPER.weight_decay)
     losses = []
     for batch in batches:
-        ids, mask = _right_padded([e.input_ids for e in batch], pad_id, "cpu")
-        labels, _ = _right_padded([e.labels for e in batch], -100, "cpu")
+        ids, mask = right_padded([e.input_ids for e in batch], pad_id, "cpu")
+        labels, _ = right_padded([e.labels for e in batch], -100, "cpu")
         optimizer.zero_grad()
         loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
