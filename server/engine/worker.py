@@ -43,8 +43,8 @@ class Worker(WorkerBase):
             self.batch = _merge(self.batch, fresh)
         if self.batch is not None:
             self.batch = self._decode(self.batch)
+        self.num_steps += 1  # before the flush: a caller woken by a result sees its step counted
         self._flush()
-        self.num_steps += 1
 
     def _prefill(self, seqs: list[Sequence]) -> Batch | None:
         try:

@@ -53,8 +53,8 @@ class SlotWorker(WorkerBase):
         chunks = self._plan()
         if chunks:
             self._run(step_plan.order(chunks))
+        self.num_steps += 1  # before the flush: a caller woken by a result sees its step counted
         self._flush()
-        self.num_steps += 1
 
     def reset(self) -> None:
         """Free every slot (after the engine stopped or a step failed as a whole)."""
