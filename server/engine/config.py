@@ -29,6 +29,7 @@ class EngineConfig:
     compile: bool = False  # slot engine: torch.compile the model's step (the server turns it on)
     native_decode: bool = True  # slot engine on CPU: the native decode kernel (native_decode.py) where it builds
     prepack_weights: bool = True  # slot engine on CPU: linear weights also kept in oneDNN's layout (packed_linear.py)
+    fair_share: bool = True  # admission by tenants' weighted token shares; False: first in, first out
     max_stop_sequences: int = 8
     max_stop_length: int = 256  # characters in one stop sequence
     idle_wait_s: float = 0.5  # how long the worker sleeps when idle before checking again

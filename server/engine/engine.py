@@ -15,7 +15,7 @@ import torch
 
 from server.engine import native_decode, packed_linear, validation
 from server.engine.config import EngineConfig
-from server.engine.errors import EngineStopped, QueueFull
+from server.engine.errors import EngineStopped
 from server.engine.faults import FaultInjector
 from server.engine.kv_budget import free_memory, size_pool
 from server.engine.kv_pool import KVPool
@@ -28,7 +28,7 @@ from server.engine.runner_slots import open_slot_runner, warm_up
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.stream import RequestStream
-from server.engine.types import EngineStats, KVStats, SamplingParams
+from server.engine.types import NO_SHARE, EngineStats, KVStats, SamplingParams, Share
 from server.engine.worker import LogitsTap, Worker
 from server.engine.worker_slots import SlotWorker
 
@@ -102,7 +102,7 @@ class Engine:
         runner = self._worker.runner
         try:
             warm_up(runner)
-        except Exception as exc:  # noqa: BLE001 - e.g. inductor found no C++ compiler
+        except Exception as exc:
             if not runner.is_compiled:
                 raise
             runner.use_eager(repr(exc)[:300])
@@ -171,26 +171,31 @@ class Engine:
         """`stop()` without blocking the event loop."""
         await asyncio.to_thread(self.stop, grace_s)
 
+    def tokenize(self, inputs: str | list[int]) -> list[int]:
+        """The token ids `submit` would queue for `inputs` (422 errors for bad or too long inputs)."""
+        ids = validation.tokenize(inputs, self.loaded.tokenizer, self.loaded.vocab_size)
+        validation.check_input_length(len(ids), self.config)
+        return ids
+
     async def submit(self, inputs: str | list[int], *, task_id: str | None, params: SamplingParams,
-                     request_id: str | None = None) -> RequestStream:
+                     request_id: str | None = None, share: Share = NO_SHARE) -> RequestStream:
         """Validate, pin the task's prompt, queue; raises typed errors at once, never after queuing."""
         self._check_accepting()
         validation.check_params(params, self.config)
-        ids = validation.tokenize(inputs, self.loaded.tokenizer, self.loaded.vocab_size)
-        validation.check_input_length(len(ids), self.config)
-        if self._scheduler.num_waiting >= self.config.max_queue:
-            raise QueueFull(f"{self._scheduler.num_waiting} requests already waiting (max_queue)")
+        ids = self.tokenize(inputs)
+        share = share if self.config.fair_share else NO_SHARE
+        self._scheduler.check_room(share.tenant, share.weight)
         # A cold task reads its adapter from disk: never on the event loop.
         prompt = None if task_id is None else await asyncio.to_thread(self.store.acquire, task_id)
         try:
-            return self._enqueue(ids, task_id, prompt, params, request_id or uuid.uuid4().hex)
+            return self._enqueue(ids, task_id, prompt, params, request_id or uuid.uuid4().hex, share)
         except BaseException:
             if prompt is not None:
                 self.store.release(prompt)
             raise
 
     def _enqueue(self, ids: list[int], task_id: str | None, prompt: Any, params: SamplingParams,
-                 request_id: str) -> RequestStream:
+                 request_id: str, share: Share) -> RequestStream:
         num_virtual = 0
         if prompt is not None:
             validation.check_prompt(prompt, self.loaded.hidden_size, self.loaded.task_type)
@@ -203,7 +208,8 @@ class Engine:
                                num_prompt_tokens=len(ids), num_virtual_tokens=num_virtual)
         seq = Sequence(request_id=request_id, task_id=task_id, prompt=prompt, prompt_ids=ids, params=params,
                        seed=seed, eos_token_ids=self.loaded.eos_token_ids, tokenizer=self.loaded.tokenizer,
-                       sink=stream, continues_prompt=not self.loaded.is_encoder_decoder)
+                       sink=stream, continues_prompt=not self.loaded.is_encoder_decoder,
+                       tenant=share.tenant, weight=share.weight)
         stream._cancel = lambda: self._cancel(seq)
         with self._accept_lock:
             self._check_accepting()
@@ -279,5 +285,5 @@ class Engine:
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 self._side_work.run_slice(self._scheduler.has_work())
-        except Exception:  # noqa: BLE001 - side work reports its own failures; serving goes on regardless
+        except Exception:
             log.exception("side work failed")

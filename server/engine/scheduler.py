@@ -1,29 +1,30 @@
-"""Waiting and running queues; admission under the batch and prefill limits (no torch)."""
+"""Waiting and running queues; admission under the batch and prefill limits, fair between tenants (no torch)."""
 
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable
 
 from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull
+from server.engine.fair_share import FairShare
 from server.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    """FIFO admission: each step takes waiting requests while the batch and prefill budgets allow."""
+    """Admission: each step takes waiting requests while the batch (and legacy prefill) budgets allow, the
+    least served tenant's first (fair_share.py); with one tenant, or fair share off, first in first out."""
 
     def __init__(self, config: EngineConfig):
         self._config = config
         self._lock = threading.Lock()  # submit() adds from the event loop; the worker admits
-        self._waiting: deque[Sequence] = deque()
+        self._fair = FairShare()
         self._running: list[Sequence] = []
 
     @property
     def num_waiting(self) -> int:
         """Requests queued, not yet admitted."""
-        return len(self._waiting)
+        return self._fair.num_waiting
 
     @property
     def num_running(self) -> int:
@@ -36,69 +37,107 @@ class Scheduler:
 
     def has_work(self) -> bool:
         """Whether the worker has anything to do."""
-        return bool(self._waiting or self._running)
+        return bool(self._fair.num_waiting or self._running)
+
+    def served(self, tenant: str) -> float:
+        """Tokens served to `tenant` per unit of its weight."""
+        with self._lock:
+            return self._fair.counter(tenant)
+
+    def check_room(self, tenant: str, weight: float) -> None:
+        """Raise QueueFull if `tenant` may not queue one more request.
+
+        The queue holds `max_queue` requests; when it is full, a tenant still below its weighted share of
+        it may queue (so one tenant's flood never locks the others out), up to twice `max_queue` in all.
+        """
+        num_waiting, limit = self._fair.num_waiting, self._config.max_queue
+        if num_waiting < limit:
+            return
+        num_mine = self._fair.num_waiting_of(tenant)
+        if num_waiting >= 2 * limit or num_mine >= self._fair.queue_share(tenant, weight, limit):
+            raise QueueFull(f"{num_waiting} requests already waiting (max_queue {limit}), {num_mine} of them "
+                            "from this API key's tenant")
 
     def add(self, seq: Sequence) -> None:
         """Queue a new request, or raise QueueFull."""
         with self._lock:
-            if len(self._waiting) >= self._config.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests already waiting (max_queue)")
-            self._waiting.append(seq)
+            self.check_room(seq.tenant, seq.weight)
+            self._fair.add(seq)
 
     def admit(self) -> list[Sequence]:
-        """Move the waiting requests that fit into this step's prefill to running (in arrival order)."""
+        """Move the waiting requests that fit into this step's prefill to running (fair order)."""
         admitted: list[Sequence] = []
         longest = 0
         with self._lock:
-            while self._waiting and len(self._running) + len(admitted) < self._config.max_batch_size:
-                seq = self._waiting[0]
+            self._fair.charge(self._running)
+            while len(self._running) + len(admitted) < self._config.max_batch_size:
+                seq = next(self._fair.candidates(), None)
+                if seq is None:
+                    break
                 longest_if = max(longest, seq.num_context_tokens)
                 # Padded cost: every row of a prefill is as long as its longest row.
                 if admitted and longest_if * (len(admitted) + 1) > self._config.max_prefill_tokens:
                     break
-                admitted.append(self._waiting.popleft())
+                self._fair.admit(seq)
+                admitted.append(seq)
                 longest = longest_if
-        for seq in admitted:
-            seq.status = Status.RUNNING
-        self._running.extend(admitted)
-        return admitted
+        return self._start(admitted)
 
     def admit_slots(self, num_free: int, is_ready: Callable[[Sequence], bool]) -> list[Sequence]:
-        """Slot engine: move up to `num_free` waiting requests to running, in arrival order, passing over
+        """Slot engine: move up to `num_free` waiting requests to running, in fair order, passing over
         those `is_ready` defers (they keep their place). `is_ready` is asked only of a request that will
         be admitted if it says yes. Chunked prefill bounds the step, so no prefill budget applies here."""
         admitted: list[Sequence] = []
+        deferred: set[int] = set()
         with self._lock:
-            kept: deque[Sequence] = deque()
-            while self._waiting and len(admitted) < min(num_free, self._config.max_batch_size - len(self._running)):
-                seq = self._waiting.popleft()
-                (admitted if is_ready(seq) else kept).append(seq)
-            self._waiting.extendleft(reversed(kept))
-        for seq in admitted:
-            seq.status = Status.RUNNING
-        self._running.extend(admitted)
-        return admitted
+            self._fair.charge(self._running)
+            while len(admitted) < min(num_free, self._config.max_batch_size - len(self._running)):
+                seq = self._next_ready(is_ready, deferred)
+                if seq is None:
+                    break
+                self._fair.admit(seq)  # counters move: the next pick is made afresh
+                admitted.append(seq)
+        return self._start(admitted)
 
     def take_cancelled(self) -> list[Sequence]:
         """Remove and return every request whose cancellation was asked for."""
         with self._lock:
-            cancelled = [s for s in self._waiting if s.is_cancel_requested]
-            self._waiting = deque(s for s in self._waiting if not s.is_cancel_requested)
-        cancelled += [s for s in self._running if s.is_cancel_requested]
+            cancelled = self._fair.remove_waiting(lambda s: s.is_cancel_requested)
+            gone = [s for s in self._running if s.is_cancel_requested]
+            for seq in gone:
+                self._fair.leave(seq)
         self._running = [s for s in self._running if not s.is_cancel_requested]
-        return cancelled
+        return cancelled + gone
 
     def finish(self, seqs: list[Sequence]) -> None:
         """Remove finished (or failed) requests from running; their slots are free at once."""
         gone = {id(s) for s in seqs}
-        for seq in seqs:
-            seq.status = Status.FINISHED
+        with self._lock:
+            for seq in seqs:
+                self._fair.leave(seq)
+                seq.status = Status.FINISHED
         self._running = [s for s in self._running if id(s) not in gone]
 
     def drain(self) -> list[Sequence]:
         """Remove and return everything (shutdown)."""
         with self._lock:
-            everything = list(self._waiting) + self._running
-            self._waiting.clear()
+            everything = self._fair.remove_waiting(lambda s: True) + self._running
+            for seq in self._running:
+                self._fair.leave(seq)
             self._running = []
         return everything
+
+    def _next_ready(self, is_ready: Callable[[Sequence], bool], deferred: set[int]) -> Sequence | None:
+        for seq in self._fair.candidates():
+            if id(seq) in deferred:
+                continue
+            if is_ready(seq):
+                return seq
+            deferred.add(id(seq))
+        return None
+
+    def _start(self, admitted: list[Sequence]) -> list[Sequence]:
+        for seq in admitted:
+            seq.status = Status.RUNNING
+        self._running.extend(admitted)
+        return admitted

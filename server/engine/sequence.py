@@ -61,6 +61,9 @@ class Sequence:
     # Causal LMs continue the prompt's text, so its last tokens decode with the output (word-initial
     # spaces); an encoder-decoder's output starts a fresh text, decoded alone as HF's decode does.
     continues_prompt: bool = True
+    tenant: str = ""  # whose share of the batch it draws on (fair_share.py); "" when fair share is off
+    weight: float = 1.0  # its tenant's weight
+    num_charged: int = 0  # context tokens already counted against its tenant's share
     status: Status = Status.WAITING
     generated: list[int] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from functools import partial
 
@@ -10,6 +11,9 @@ from server.engine.outbox import Outbox
 from server.engine.types import GenerationResult, TokenEvent
 
 _END = object()
+
+
+log = logging.getLogger("promptserve.engine")
 
 
 class RequestStream:
@@ -27,6 +31,7 @@ class RequestStream:
         self._result.add_done_callback(_mark_retrieved)
         self._cancel: Callable[[], None] = lambda: None
         self._start_listeners: list[Callable[[], None]] | None = []  # None once started
+        self._done_listeners: list[Callable[[GenerationResult | None], None]] = []
 
     # -- called from the worker thread (the Sink protocol) --------------------------------------
     def on_start(self) -> None:
@@ -62,6 +67,11 @@ class RequestStream:
         else:
             self._result.set_result(result)
             self._queue.put_nowait(_END)
+        for listener in self._done_listeners:  # before any reader of the result runs again
+            try:
+                listener(result)
+            except Exception:
+                log.exception("a listener of request %s failed", self.request_id)
 
     # -- the caller's side ---------------------------------------------------------------------
     def __aiter__(self) -> RequestStream:
@@ -83,6 +93,14 @@ class RequestStream:
             listener()
         else:
             self._start_listeners.append(listener)
+
+    def when_done(self, listener: Callable[[GenerationResult | None], None]) -> None:
+        """Call `listener` on the event loop when the request ends: its result, or None if it failed; it
+        runs before anyone awaiting the result or the tokens resumes (at once if it has ended)."""
+        if self._result.done():
+            listener(None if self._result.exception() else self._result.result())
+        else:
+            self._done_listeners.append(listener)
 
     async def result(self) -> GenerationResult:
         """The final result (raises RequestFailed / EngineStopped if the request failed)."""

@@ -12,6 +12,21 @@ FINISH_ERROR = "error"
 
 
 @dataclass(frozen=True)
+class Share:
+    """Whose share of the batch a request draws on: its tenant and the tenant's weight (fair_share.py)."""
+
+    tenant: str = ""
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ValueError("Share.weight must be > 0")
+
+
+NO_SHARE = Share()  # no tenant: every request one queue, first in, first out
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation parameters. Greedy unless do_sample is set."""
 
