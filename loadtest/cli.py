@@ -9,13 +9,14 @@ import sys
 
 from rich.console import Console
 
-from loadtest.config import ConfigError, LoadConfig, TaskSetup
+from loadtest.config import DEFAULT_NOISY_FACTOR, ConfigError, LoadConfig, TaskSetup
 from loadtest.cpu import ProcessError
 from loadtest.distributions import Distribution
 from loadtest.progress import NullProgress, RichProgress
 from loadtest.report import write_json
 from loadtest.safety import TargetError
 from loadtest.tasks import TaskSetupError
+from loadtest.tenants import TenantsFileError, load_tenants
 
 HELP = "load a running promptserve (or TGI-compatible) server on a loopback address and report"
 
@@ -43,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The loadtest flags."""
     add_load_arguments(p)
     add_task_arguments(p)
+    add_tenant_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument("--out", help="write the JSON report here")
     out.add_argument("--plot", help="write a PNG here (latency distribution + throughput; a sweep: throughput vs p99)")
@@ -55,8 +57,10 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("PROMPTSERVE_API_KEY"),
                    help="sent as 'Authorization: Bearer KEY' (default: $PROMPTSERVE_API_KEY)")
     load = p.add_argument_group("load")
-    load.add_argument("--concurrency", type=int, default=8, help="closed loop: requests in flight (default 8)")
-    load.add_argument("--rate", type=float, help="open loop instead: Poisson arrivals, requests per second")
+    load.add_argument("--concurrency", type=int, default=8,
+                      help="closed loop: requests in flight (default 8; with --noisy-tenant: per steady tenant)")
+    load.add_argument("--rate", type=float, help="open loop instead: Poisson arrivals, requests per second "
+                                                 "(with --noisy-tenant: per steady tenant)")
     load.add_argument("--duration", type=float, help="seconds to issue requests for")
     load.add_argument("--requests", type=int, help="number of requests to issue (the first bound reached ends the run)")
     load.add_argument("--sweep", type=int_list, help="closed loop at each concurrency, e.g. 1,2,4,8,16,32")
@@ -88,11 +92,30 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
     tasks.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent (default 1.1)")
 
 
+def add_tenant_arguments(p: argparse.ArgumentParser) -> None:
+    """Whose API keys the requests carry, and the noisy-neighbour scenario."""
+    tenants = p.add_argument_group("tenants")
+    tenants.add_argument("--tenants", metavar="FILE",
+                         help="YAML/JSON: 'tenants: [{name, key, popularity}]' or the server's --api-keys file "
+                              "(each tenant's first key, popularity 1). Requests carry their tenant's key, "
+                              "spread by popularity; --api-key stays the key of the harness's own calls "
+                              "(/metrics, task setup). Task ids must be usable by every tenant's key")
+    tenants.add_argument("--noisy-tenant", metavar="NAME",
+                         help="noisy neighbour: every tenant gets its own load; each steady tenant sends --rate "
+                              "req/s (closed loop: --concurrency in flight), NAME that times --noisy-factor; "
+                              "popularity is not used")
+    tenants.add_argument("--noisy-factor", type=float, metavar="X",
+                         help="the noisy tenant's rate (or concurrency, rounded) over a steady tenant's "
+                              f"(default {DEFAULT_NOISY_FACTOR:g}, at least 1)")
+
+
 def build_config(args: argparse.Namespace) -> LoadConfig:
     """The LoadConfig the flags describe (validated)."""
     duration, num_requests = args.duration, args.requests
     if duration is None and num_requests is None:
         duration = 30.0
+    if args.noisy_factor is not None and args.noisy_tenant is None:
+        raise ConfigError("--noisy-factor needs --noisy-tenant NAME")
     return LoadConfig(
         url=args.url, mode="open" if args.rate else "closed", concurrency=args.concurrency, rate=args.rate or 0.0,
         duration_s=duration, num_requests=num_requests,
@@ -102,6 +125,8 @@ def build_config(args: argparse.Namespace) -> LoadConfig:
         api_key=args.api_key, request_timeout_s=args.request_timeout, max_inflight=args.max_inflight,
         seed=args.seed, ignore_eos=args.ignore_eos, server_pid=args.server_pid,
         setup=TaskSetup(num_tasks=args.setup_tasks, init=args.task_init, num_virtual_tokens=args.num_virtual_tokens),
+        tenants=load_tenants(args.tenants) if args.tenants else (), noisy_tenant=args.noisy_tenant,
+        noisy_factor=DEFAULT_NOISY_FACTOR if args.noisy_factor is None else args.noisy_factor,
     ).validate()
 
 
@@ -118,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--sweep varies concurrency: it needs a closed loop (no --rate)")
         progress = NullProgress() if args.quiet else RichProgress(console)
         reports = asyncio.run(run_session(config, args.sweep or (), progress))
-    except (ConfigError, TargetError, TaskSetupError, ProcessError) as exc:
+    except (ConfigError, TargetError, TaskSetupError, ProcessError, TenantsFileError) as exc:
         console.print(f"[red]loadtest: {exc}[/red]")
         return 2
     for report in reports:

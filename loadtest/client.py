@@ -11,6 +11,7 @@ import httpx
 from loadtest.safety import TargetError
 from loadtest.workload import RequestSpec
 
+STATUS_RATE_LIMITED = "429"  # the server's rate limit: counted apart from errors, never retried
 STATUS_TIMEOUT = "timeout"
 STATUS_CONNECT = "connect_error"
 STATUS_STREAM_ERROR = "stream_error"  # HTTP 200 but the stream carried an error event or broke off
@@ -33,11 +34,22 @@ class RequestRecord:
     generated_tokens: int = 0
     prompt_tokens: int | None = None
     finish_reason: str | None = None
+    tenant: str | None = None
 
     @property
     def is_ok(self) -> bool:
         """True for a complete, successful generation."""
         return self.status == "200"
+
+    @property
+    def is_rate_limited(self) -> bool:
+        """True for HTTP 429: the server's limits at work, not an error."""
+        return self.status == STATUS_RATE_LIMITED
+
+    @property
+    def is_failed(self) -> bool:
+        """True for an error: neither a success nor rate limited."""
+        return not self.is_ok and not self.is_rate_limited
 
     @property
     def latency_s(self) -> float:
@@ -75,9 +87,9 @@ def apply_details(record: RequestRecord, details: dict | None) -> None:
     record.finish_reason = details.get("finish_reason")
 
 
-async def send_plain(client: httpx.AsyncClient, record: RequestRecord, body: dict, clock) -> None:
+async def send_plain(client: httpx.AsyncClient, record: RequestRecord, body: dict, headers: dict, clock) -> None:
     """POST /generate and wait for the whole answer."""
-    response = await client.post("/generate", json=body)
+    response = await client.post("/generate", json=body, headers=headers)
     record.status = str(response.status_code)
     if response.status_code != 200:
         record.error = response.text[:200]
@@ -85,9 +97,9 @@ async def send_plain(client: httpx.AsyncClient, record: RequestRecord, body: dic
     apply_details(record, response.json().get("details"))
 
 
-async def send_stream(client: httpx.AsyncClient, record: RequestRecord, body: dict, clock) -> None:
+async def send_stream(client: httpx.AsyncClient, record: RequestRecord, body: dict, headers: dict, clock) -> None:
     """POST /generate_stream and time every token event."""
-    async with client.stream("POST", "/generate_stream", json=body) as response:
+    async with client.stream("POST", "/generate_stream", json=body, headers=headers) as response:
         record.status = str(response.status_code)
         if response.status_code != 200:
             record.error = (await response.aread()).decode(errors="replace")[:200]
@@ -117,12 +129,14 @@ async def send_stream(client: httpx.AsyncClient, record: RequestRecord, body: di
 
 
 async def send(client: httpx.AsyncClient, spec: RequestSpec, *, is_stream: bool, ignore_eos: bool, clock,
-               ) -> RequestRecord:
-    """Send one request; every outcome, failures included, becomes a RequestRecord."""
-    record = RequestRecord(index=spec.index, task_id=spec.task_id, start_s=clock())
+               api_key: str | None = None) -> RequestRecord:
+    """Send one request (with `api_key` over the client's own, if given); every outcome, failures and
+    429s included, becomes a RequestRecord. Nothing is retried: a 429 is counted as it came."""
+    record = RequestRecord(index=spec.index, task_id=spec.task_id, start_s=clock(), tenant=spec.tenant)
     body = request_body(spec, ignore_eos=ignore_eos)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        await (send_stream if is_stream else send_plain)(client, record, body, clock)
+        await (send_stream if is_stream else send_plain)(client, record, body, headers, clock)
     except TargetError:
         raise
     except httpx.TimeoutException as exc:

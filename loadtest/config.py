@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loadtest.distributions import Distribution
+from loadtest.tenant_mix import noisy_concurrency
+from loadtest.tenants import TenantSpec
 
 # Hard caps: a run can never be asked for more than this, whatever the flags say.
 MAX_DURATION_S = 3600.0
 MAX_REQUESTS = 1_000_000
 MAX_CONCURRENCY = 4096
 MAX_TASKS = 10_000
+DEFAULT_NOISY_FACTOR = 10.0
+MAX_NOISY_FACTOR = 1000.0
 
 
 class ConfigError(ValueError):
@@ -52,6 +56,9 @@ class LoadConfig:
     ignore_eos: bool = False  # sent as parameters.ignore_eos_token (LoRAX) only when set
     metrics_interval_s: float = 1.0  # how often the server's /metrics is sampled during the run
     server_pid: int | None = None  # a local server process whose CPU time is measured over the run
+    tenants: tuple[TenantSpec, ...] = ()  # none: every request carries `api_key` (one tenant)
+    noisy_tenant: str | None = None  # one tenant floods; then `rate`/`concurrency` are per steady tenant
+    noisy_factor: float = DEFAULT_NOISY_FACTOR  # the noisy tenant's rate (or concurrency) / a steady one's
 
     def validate(self) -> "LoadConfig":
         """Raise ConfigError unless the run is bounded and its numbers make sense."""
@@ -77,7 +84,25 @@ class LoadConfig:
             raise ConfigError("choose one of: task ids, existing tasks, or --setup-tasks")
         if max(len(self.task_ids), self.num_existing_tasks, self.setup.num_tasks) > MAX_TASKS:
             raise ConfigError(f"at most {MAX_TASKS} tasks")
+        self.validate_noisy()
         return self
+
+    def validate_noisy(self) -> None:
+        """Raise ConfigError unless the noisy-neighbour settings name one of several tenants."""
+        if self.noisy_tenant is None:
+            return
+        if len(self.tenants) < 2:
+            raise ConfigError("--noisy-tenant needs --tenants with at least two tenants")
+        if self.noisy_tenant not in {t.name for t in self.tenants}:
+            names = ", ".join(t.name for t in self.tenants[:10])
+            raise ConfigError(f"--noisy-tenant {self.noisy_tenant!r} is not in the tenants file ({names})")
+        if not 1 <= self.noisy_factor <= MAX_NOISY_FACTOR:
+            raise ConfigError(f"--noisy-factor must be in [1, {MAX_NOISY_FACTOR:g}]")
+        num_workers = self.concurrency * (len(self.tenants) - 1) + noisy_concurrency(self.concurrency,
+                                                                                     self.noisy_factor)
+        if self.mode == "closed" and num_workers > MAX_CONCURRENCY:
+            raise ConfigError(f"{num_workers} workers in all (--concurrency per steady tenant, the noisy "
+                              f"one x{self.noisy_factor:g}): at most {MAX_CONCURRENCY}")
 
     @property
     def deadline_s(self) -> float:

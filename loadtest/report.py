@@ -12,8 +12,9 @@ from loadtest.config import LoadConfig
 from loadtest.cpu import CpuUse
 from loadtest.server_figures import ServerFigures
 from loadtest.stats import RunFigures
+from loadtest.tenant_stats import TenantSummary
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: per-tenant figures; num_failed no longer counts 429s (num_rate_limited)
 MAX_REQUEST_ROWS = 100_000  # per-request rows kept in the JSON
 
 
@@ -42,15 +43,17 @@ class Report:
     requests: list[dict] = field(default_factory=list)  # one row per request
     server_cpu: CpuUse | None = None  # with --server-pid
     client_cpu_s: float | None = None  # this harness's own CPU time over the run (is the client a bottleneck?)
+    tenants: dict[str, TenantSummary] = field(default_factory=dict)  # with --tenants: name -> its figures
     version: int = REPORT_VERSION
 
 
 def workload_dict(config: LoadConfig) -> dict:
-    """The config as JSON-friendly values (no API key)."""
+    """The config as JSON-friendly values, without a single API key (neither --api-key nor a tenant's)."""
     out = dataclasses.asdict(config)
     out["prompt_tokens"] = str(config.prompt_tokens)
     out["max_new_tokens"] = str(config.max_new_tokens)
     out["api_key"] = "***" if config.api_key else None
+    out["tenants"] = [{"name": t.name, "key": "***", "popularity": t.popularity} for t in config.tenants]
     out["task_ids"] = list(config.task_ids)[:100]
     return out
 
@@ -59,7 +62,7 @@ def request_rows(records: list[RequestRecord]) -> list[dict]:
     """Compact per-request rows, in the order requests were issued."""
     rows = []
     for r in sorted(records, key=lambda r: r.index)[:MAX_REQUEST_ROWS]:
-        rows.append({"index": r.index, "task_id": r.task_id, "start_s": round(r.start_s, 4),
+        rows.append({"index": r.index, "task_id": r.task_id, "tenant": r.tenant, "start_s": round(r.start_s, 4),
                      "latency_s": round(r.latency_s, 4), "status": r.status,
                      "first_token_s": None if r.first_token_s is None else round(r.first_token_s, 4),
                      "generated_tokens": r.generated_tokens, "prompt_tokens": r.prompt_tokens,

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 
 from loadtest.client import STATUS_CANCELLED, STATUS_DROPPED, RequestRecord, send
 from loadtest.config import MAX_REQUESTS, LoadConfig
+from loadtest.tenant_mix import closed_workers, tenant_streams
 from loadtest.workload import RequestSpec, Workload, poisson_arrivals
+
+Arrival = tuple[float, str | None]  # (seconds from the start, tenant; None: picked by popularity)
 
 GRACE_S = 5.0  # beyond the last request's own timeout, before in-flight requests are cancelled
 
@@ -40,6 +44,7 @@ class Loop:
         self.result = LoopResult()
         self.inflight: dict[int, RequestSpec] = {}
         self.started_at: dict[int, float] = {}
+        self.keys = {t.name: t.key for t in config.tenants}
 
     def keep_going(self, index: int) -> bool:
         """True while the count and time bounds allow request `index` to be sent."""
@@ -54,8 +59,8 @@ class Loop:
         """Send `spec` and keep its record."""
         self.inflight[spec.index] = spec
         self.started_at[spec.index] = self.clock()
-        record = await send(self.client, spec, is_stream=self.config.is_stream,
-                            ignore_eos=self.config.ignore_eos, clock=self.clock)
+        record = await send(self.client, spec, is_stream=self.config.is_stream, ignore_eos=self.config.ignore_eos,
+                            clock=self.clock, api_key=self.keys.get(spec.tenant))
         del self.inflight[spec.index]
         self.add(record)
 
@@ -69,41 +74,57 @@ class Loop:
             await asyncio.gather(*pending, return_exceptions=True)
         for index, spec in sorted(self.inflight.items()):
             self.add(RequestRecord(index, spec.task_id, self.started_at[index], self.clock(), STATUS_CANCELLED,
-                                   "hard deadline"))
+                                   "hard deadline", tenant=spec.tenant))
             self.result.num_cancelled += 1
         self.inflight.clear()
         self.result.wall_s = self.clock()
         return self.result
 
 
-async def closed_loop(loop: Loop, concurrency: int) -> LoopResult:
-    """`concurrency` workers, each sending its next request as soon as the previous one is done."""
+async def closed_loop(loop: Loop, workers: list[str | None]) -> LoopResult:
+    """One worker per entry of `workers` (its tenant, or None), each sending its next request as soon as
+    the previous one is done."""
     counter = itertools.count()
 
-    async def worker() -> None:
+    async def worker(tenant: str | None) -> None:
         while True:
             index = next(counter)
             if not loop.keep_going(index):
                 return
-            await loop.one(loop.workload.spec(index))
+            await loop.one(loop.workload.spec(index, tenant))
 
-    tasks = {asyncio.create_task(worker()) for _ in range(concurrency)}
+    tasks = {asyncio.create_task(worker(tenant)) for tenant in workers}
     return await loop.finish(tasks)
 
 
-async def open_loop(loop: Loop, rate: float, max_inflight: int, seed: int) -> LoopResult:
-    """Requests arrive as a Poisson process of `rate`/s, whatever the server's pace (up to `max_inflight`)."""
+def tagged(times: Iterator[float], tenant: str | None) -> Iterator[Arrival]:
+    """Arrival times labelled with their tenant."""
+    return ((t, tenant) for t in times)
+
+
+def arrivals(config: LoadConfig) -> Iterator[Arrival]:
+    """The run's arrivals: one Poisson stream at `rate`, or (noisy neighbour) one per tenant, merged."""
+    streams = tenant_streams(config)
+    if not streams:
+        return tagged(poisson_arrivals(config.rate, random.Random(config.seed + 2)), None)
+    # A seed per tenant name: a tenant's arrivals stay the same whatever the others do.
+    return heapq.merge(*(tagged(poisson_arrivals(s.rate, random.Random(f"{config.seed}:arrivals:{s.name}")),
+                                s.name) for s in streams))
+
+
+async def open_loop(loop: Loop, schedule: Iterator[Arrival], max_inflight: int) -> LoopResult:
+    """Requests arrive on `schedule`, whatever the server's pace (up to `max_inflight` in flight)."""
     tasks: set[asyncio.Task] = set()
-    arrivals = poisson_arrivals(rate, random.Random(seed + 2))
     for index in range(loop.limit):
-        at = next(arrivals)
+        at, tenant = next(schedule)
         if at >= loop.config.deadline_s:
             break
         await asyncio.sleep(max(0.0, at - loop.clock()))
-        spec = loop.workload.spec(index)
+        spec = loop.workload.spec(index, tenant)
         if len(tasks) >= max_inflight:
             now = loop.clock()
-            loop.add(RequestRecord(index, spec.task_id, now, now, STATUS_DROPPED, "client in-flight limit"))
+            loop.add(RequestRecord(index, spec.task_id, now, now, STATUS_DROPPED, "client in-flight limit",
+                                   tenant=spec.tenant))
             continue
         task = asyncio.create_task(loop.one(spec))
         tasks.add(task)
@@ -115,5 +136,5 @@ async def run_loop(loop: Loop) -> LoopResult:
     """Run the loop `loop.config.mode` asks for."""
     config = loop.config
     if config.mode == "closed":
-        return await closed_loop(loop, config.concurrency)
-    return await open_loop(loop, config.rate, config.max_inflight, config.seed)
+        return await closed_loop(loop, closed_workers(config))
+    return await open_loop(loop, arrivals(config), config.max_inflight)

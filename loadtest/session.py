@@ -21,6 +21,8 @@ from loadtest.safety import TargetError, check_target, make_client
 from loadtest.server_figures import GaugeSampler, ServerFigures, compare
 from loadtest.stats import run_figures, throughput_series
 from loadtest.tasks import CreatedTasks, create_tasks, delete_tasks, existing_tasks
+from loadtest.tenant_mix import closed_workers, tenant_shares
+from loadtest.tenant_stats import tenant_summaries
 from loadtest.workload import Workload
 
 SETTLE_TRIES = 10  # scrapes after a run until the server's counters stop moving
@@ -83,12 +85,15 @@ def build_report(config: LoadConfig, target: str, started_at: str, task_ids: lis
                   num_tasks=len(task_ids), tasks_created=created, client=figures, server=server,
                   counts=count_check(figures, server),
                   throughput_series=throughput_series(result.records, result.wall_s),
-                  requests=request_rows(result.records))
+                  requests=request_rows(result.records),
+                  tenants=tenant_summaries(result.records, result.wall_s, tenant_shares(config),
+                                           config.noisy_tenant))
 
 
 def describe_level(config: LoadConfig) -> str:
     """The progress bar's label."""
-    return f"concurrency {config.concurrency}" if config.mode == "closed" else f"{config.rate:g} req/s"
+    per = " per steady tenant" if config.noisy_tenant else ""
+    return f"concurrency {config.concurrency}{per}" if config.mode == "closed" else f"{config.rate:g} req/s{per}"
 
 
 async def choose_tasks(config: LoadConfig, client: httpx.AsyncClient, created: CreatedTasks) -> list[str]:
@@ -116,8 +121,11 @@ async def run_session(config: LoadConfig, levels: Sequence[int] = (), progress=N
     if config.server_pid:
         cpu_seconds(config.server_pid)  # refuse at once a pid we cannot read
     progress = progress or NullProgress()
+    level_configs = [dataclasses.replace(config, concurrency=level).validate()
+                     for level in levels or [config.concurrency]]
     # +2: /metrics scrapes during the run must not wait behind the load's own connections.
-    max_conn = (max([config.concurrency, *levels]) if config.mode == "closed" else config.max_inflight) + 2
+    max_workers = max(len(closed_workers(c)) for c in level_configs)
+    max_conn = (max_workers if config.mode == "closed" else config.max_inflight) + 2
     created = CreatedTasks()
     async with make_client(target, max_connections=max_conn, timeout_s=config.request_timeout_s,
                            api_key=config.api_key) as client:
@@ -128,8 +136,7 @@ async def run_session(config: LoadConfig, levels: Sequence[int] = (), progress=N
                 progress.note(f"the server lists {len(task_ids)} task(s), fewer than --num-tasks "
                               f"{config.num_existing_tasks}: using those")
             reports = []
-            for level in levels or [config.concurrency]:
-                level_config = dataclasses.replace(config, concurrency=level)
+            for level_config in level_configs:
                 reports.append(await run_level(level_config, client, task_ids, bool(created.task_ids), progress))
             return reports
         finally:

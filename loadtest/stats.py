@@ -60,7 +60,8 @@ class RunFigures:
     wall_s: float
     num_requests: int
     num_ok: int
-    num_failed: int
+    num_failed: int  # errors: neither ok nor rate limited
+    num_rate_limited: int  # HTTP 429: the server's limits at work, not errors
     by_status: dict[str, int]
     requests_per_s: float
     generated_tokens: int
@@ -86,12 +87,14 @@ def run_figures(records: Sequence[RequestRecord], wall_s: float, max_errors: int
     """All client-side figures of a run that lasted `wall_s` seconds."""
     ok = [r for r in records if r.is_ok]
     tokens = sum(r.generated_tokens for r in ok)
-    errors = Counter(f"{r.status}: {r.error}" for r in records if not r.is_ok and r.error)
+    errors = Counter(f"{r.status}: {r.error}" for r in records if r.is_failed and r.error)
+    num_rate_limited = sum(r.is_rate_limited for r in records)
     return RunFigures(
         wall_s=wall_s,
         num_requests=len(records),
         num_ok=len(ok),
-        num_failed=len(records) - len(ok),
+        num_failed=len(records) - len(ok) - num_rate_limited,
+        num_rate_limited=num_rate_limited,
         by_status=dict(sorted(Counter(r.status for r in records).items())),
         requests_per_s=len(ok) / wall_s if wall_s > 0 else 0.0,
         generated_tokens=tokens,

@@ -25,7 +25,8 @@ def render(report: Report, console: Console, max_tasks: int = 10) -> None:
     c = report.client
     head = Table(title=f"promptserve loadtest: {report.target}", show_header=False)
     head.add_row("workload", describe(report))
-    head.add_row("requests", f"{c.num_requests} ({c.num_ok} ok, {c.num_failed} failed) in {c.wall_s:.1f} s")
+    head.add_row("requests", f"{c.num_requests} ({c.num_ok} ok, {c.num_rate_limited} rate limited, "
+                             f"{c.num_failed} failed) in {c.wall_s:.1f} s")
     head.add_row("by status", ", ".join(f"{k}: {v}" for k, v in c.by_status.items()) or "-")
     head.add_row("throughput", f"{c.requests_per_s:.2f} req/s, {c.tokens_per_s:.1f} generated tokens/s")
     if report.client_cpu_s is not None and c.wall_s > 0:
@@ -49,6 +50,7 @@ def render(report: Report, console: Console, max_tasks: int = 10) -> None:
     summary_row(lat, "inter-token", c.inter_token)
     console.print(lat)
     render_tasks(report, console, max_tasks)
+    render_tenants(report, console)
     render_server(report, console)
 
 
@@ -66,7 +68,19 @@ def describe(report: Report) -> str:
         popularity = f" ({w['popularity']}" + (f" s={w['zipf_s']:g})" if w["popularity"] == "zipf" else ")")
     stream = "streaming" if w["is_stream"] else "not streaming"
     return (f"{load}, {' and '.join(b for b in bounds if b)}, {report.num_tasks} task(s){popularity}, "
-            f"prompt {w['prompt_tokens']} words, max_new_tokens {w['max_new_tokens']}, {stream}")
+            f"prompt {w['prompt_tokens']} words, max_new_tokens {w['max_new_tokens']}, {stream}"
+            f"{describe_tenants(w)}")
+
+
+def describe_tenants(w: dict) -> str:
+    """`, 3 tenants (noisy: bob x10; rate per steady tenant)`, or nothing without tenants."""
+    if not w.get("tenants"):
+        return ""
+    if not w.get("noisy_tenant"):
+        return f", {len(w['tenants'])} tenants (by popularity)"
+    per = "concurrency" if w["mode"] == "closed" else "rate"
+    return (f", {len(w['tenants'])} tenants (noisy: {w['noisy_tenant']} x{w['noisy_factor']:g}; "
+            f"{per} per steady tenant)")
 
 
 def render_tasks(report: Report, console: Console, max_tasks: int) -> None:
@@ -106,3 +120,34 @@ def counter_text(values: dict[str, float]) -> str:
     if set(values) == {"all"}:
         return f"{values['all']:g}"
     return ", ".join(f"{k}: {v:g}" for k, v in sorted(values.items())) or "0"
+
+
+def render_tenants(report: Report, console: Console) -> None:
+    """Per-tenant counts (429s apart from errors), then latencies; in the tenants file's order."""
+    if not report.tenants:
+        return
+    has_noisy = any(t.is_noisy for t in report.tenants.values())
+    counts = Table(title="per tenant (429: rate limited, not an error)",
+                   caption="* the noisy tenant" if has_noisy else None)
+    for col in ("tenant", "share", "requests", "ok", "429", "failed", "tokens", "ok req/s"):
+        counts.add_column(col, justify="right")
+    for name, t in report.tenants.items():
+        counts.add_row(tenant_label(name, t.is_noisy), f"{t.share:.0%}", str(t.num_requests), str(t.num_ok),
+                       str(t.num_rate_limited), str(t.num_failed), str(t.generated_tokens),
+                       f"{t.requests_per_s:.2f}")
+    console.print(counts)
+    is_stream = report.workload["is_stream"]
+    latency = Table(title="per tenant latency (ms, ok requests)")
+    for col in ("tenant", "p50", "p90", "p99") + (("ttft p50", "ttft p90", "ttft p99") if is_stream else ()):
+        latency.add_column(col, justify="right")
+    for name, t in report.tenants.items():
+        row = [tenant_label(name, t.is_noisy), ms(t.latency.p50), ms(t.latency.p90), ms(t.latency.p99)]
+        if is_stream:
+            row += [ms(t.first_token.p50), ms(t.first_token.p90), ms(t.first_token.p99)]
+        latency.add_row(*row)
+    console.print(latency)
+
+
+def tenant_label(name: str, is_noisy: bool) -> str:
+    """The tenant's name, starred when it is the noisy one."""
+    return escape(name) + (" *" if is_noisy else "")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from loadtest.config import LoadConfig
+from loadtest.tenant_mix import TenantPicker
 
 # Plain words; most are one token for a byte-level BPE, so N words is roughly N tokens.
 WORDS = (
@@ -27,6 +28,7 @@ class RequestSpec:
     prompt: str
     prompt_words: int
     max_new_tokens: int
+    tenant: str | None = None  # whose API key it carries (None: the run's --api-key)
 
 
 def zipf_weights(num_items: int, s: float) -> list[float]:
@@ -74,9 +76,11 @@ class Workload:
         self.config = config
         self.rng = random.Random(config.seed)
         self.picker = TaskPicker(task_ids, config.popularity, config.zipf_s, random.Random(config.seed + 1))
+        # A stream of its own: adding tenants leaves the prompts and tasks of a seed as they were.
+        self.tenant_picker = TenantPicker(config.tenants, random.Random(config.seed + 3))
 
-    def spec(self, index: int) -> RequestSpec:
-        """The `index`-th request."""
+    def spec(self, index: int, tenant: str | None = None) -> RequestSpec:
+        """The `index`-th request, for `tenant` (None: picked by popularity when the run has tenants)."""
         num_words = self.config.prompt_tokens.sample(self.rng)
         return RequestSpec(
             index=index,
@@ -84,4 +88,5 @@ class Workload:
             prompt=make_prompt(num_words, self.rng),
             prompt_words=num_words,
             max_new_tokens=self.config.max_new_tokens.sample(self.rng),
+            tenant=tenant if tenant is not None else self.tenant_picker.pick(),
         )

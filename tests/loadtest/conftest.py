@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -30,6 +31,22 @@ class StubState:
     num_tokens: int = 3
     hits: dict[str, int] = field(default_factory=dict)
     task_ids: list[str] = field(default_factory=list)
+    keys: Counter = field(default_factory=Counter)  # generation requests by bearer key ("" for none)
+    rate_limited_keys: set[str] = field(default_factory=set)  # these keys get HTTP 429 on every generation
+
+
+RATE_LIMIT_HEADERS = {"Retry-After": "1", "x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "0",
+                      "x-ratelimit-reset-requests": "1"}
+
+
+def rate_limited(state: StubState, request: Request) -> JSONResponse | None:
+    """Count the request's key; a 429 (shaped like promptserve's) when that key is rate limited."""
+    key = request.headers.get("authorization", "").removeprefix("Bearer ")
+    state.keys[key] += 1
+    if key not in state.rate_limited_keys:
+        return None
+    return JSONResponse({"error": "rate limit reached", "error_type": "rate_limited"}, status_code=429,
+                        headers=RATE_LIMIT_HEADERS)
 
 
 def stub_app(state: StubState) -> FastAPI:
@@ -46,6 +63,8 @@ def stub_app(state: StubState) -> FastAPI:
     @app.post("/generate")
     async def generate(request: Request):
         count("/generate")
+        if (limited := rate_limited(state, request)) is not None:
+            return limited
         body = await request.json()
         n = body["parameters"]["max_new_tokens"]
         return {"generated_text": "x" * n, "details": {"finish_reason": "length", "generated_tokens": n,
@@ -54,6 +73,8 @@ def stub_app(state: StubState) -> FastAPI:
     @app.post("/generate_stream")
     async def generate_stream(request: Request):
         count("/generate_stream")
+        if (limited := rate_limited(state, request)) is not None:
+            return limited
         if state.mode == "redirect":
             return RedirectResponse("http://127.0.0.2:9/generate_stream", status_code=307)
 

@@ -73,7 +73,7 @@ def test_sweep_json_and_table(tmp_path):
     console = Console(record=True, width=120)
     render(reports[0], console)
     text = console.export_text()
-    assert "27 ok, 3 failed" in text and "server count" in text and "match" in text and "t0" in text
+    assert "27 ok, 3 rate limited, 0 failed" in text and "server count" in text and "match" in text and "t0" in text
 
 
 def test_progress_bar_by_count_and_by_duration():

@@ -7,9 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import httpx
 import pytest
+import yaml
 from live_server_util import free_port, wait_for_process
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,16 +21,14 @@ from loadtest.cli import main
 READY_TIMEOUT_S = 180
 
 
-@pytest.fixture(scope="module")
-def real_server(tiny_model_dir, tmp_path_factory):
-    """Base URL of `promptserve serve` on a free loopback port, serving a tiny Llama."""
-    model = tiny_model_dir("llama")
-    store = tmp_path_factory.mktemp("loadtest-store")
+@contextmanager
+def serve(model, store, *extra: str) -> Iterator[str]:
+    """Base URL of `promptserve serve` (with `extra` flags) on a free loopback port; stopped after."""
     port = free_port()
     log = open(store.parent / f"server-{port}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--model", str(model), "--store", str(store), "--max-batch-size", "8", "--log-level", "warning"],
+         "--model", str(model), "--store", str(store), "--max-batch-size", "8", "--log-level", "warning", *extra],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -43,6 +44,13 @@ def real_server(tiny_model_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def real_server(tiny_model_dir, tmp_path_factory):
+    """Base URL of `promptserve serve` on a free loopback port, serving a tiny Llama."""
+    with serve(tiny_model_dir("llama"), tmp_path_factory.mktemp("loadtest-store")) as url:
+        yield url
 
 
 def scrape(url: str) -> dict[tuple, float]:
@@ -125,3 +133,42 @@ def test_existing_tasks_pages_through_the_whole_listing(real_server):
         with httpx.Client(base_url=real_server, timeout=30) as c:
             for task_id in ids:
                 c.delete(f"/v1/tasks/{task_id}")
+
+
+KEYS = {"keys": [
+    {"key": "sk-ops-000000", "tenant": "ops", "tasks": ["*"], "admin": True},
+    {"key": "sk-acme-00001", "tenant": "acme", "tasks": ["*"]},
+    {"key": "sk-acme-00002", "tenant": "acme", "tasks": ["*"]},
+    {"key": "sk-beta-00003", "tenant": "beta", "tasks": ["*"]},
+]}
+
+
+def test_tenants_against_a_server_with_api_keys(tiny_model_dir, tmp_path_factory, tmp_path):
+    """The server's own keys file drives the load; each request carries its tenant's key."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump(KEYS))
+    mixed = tmp_path / "mixed.yaml"  # the loadtest's shape, with a tenant the server does not know
+    mixed.write_text("tenants:\n  - {name: acme, key: sk-acme-00001}\n  - {name: ghost, key: sk-ghost-0000}\n")
+    store = tmp_path_factory.mktemp("loadtest-keys-store")
+    with serve(tiny_model_dir("llama"), store, "--api-keys", str(keys)) as url:
+        def run(name: str, *flags: str) -> dict:
+            out = tmp_path / f"{name}.json"
+            assert main(["--url", url, "--api-key", "sk-ops-000000", "--max-new-tokens", "4", "--out", str(out),
+                         "--quiet", *flags]) == 0
+            return json.loads(out.read_text())
+
+        report = run("keys", "--tenants", str(keys), "--requests", "24", "--concurrency", "4")
+        tenants = report["tenants"]
+        assert report["client"]["by_status"] == {"200": 24}  # a missing or wrong key would be 401
+        assert list(tenants) == ["ops", "acme", "beta"] and sum(t["num_ok"] for t in tenants.values()) == 24
+        assert all(t["num_ok"] > 0 and t["latency"]["p99"] > 0 and t["first_token"]["p50"] > 0
+                   for t in tenants.values())
+        assert report["counts"]["is_match"] is True  # /metrics read with --api-key (an admin's)
+        report = run("mixed", "--tenants", str(mixed), "--requests", "20", "--concurrency", "2")
+        acme, ghost = report["tenants"]["acme"], report["tenants"]["ghost"]
+        assert acme["by_status"] == {"200": acme["num_requests"]} and acme["num_requests"] > 0
+        assert ghost["by_status"] == {"401": ghost["num_requests"]} == {"401": ghost["num_failed"]}
+        report = run("noisy", "--tenants", str(keys), "--noisy-tenant", "acme", "--noisy-factor", "3",
+                     "--concurrency", "1", "--duration", "2")
+        n = {name: t["num_requests"] for name, t in report["tenants"].items()}
+        assert report["client"]["num_failed"] == 0 and n["acme"] >= 2 * max(n["ops"], n["beta"]) > 0

@@ -45,7 +45,7 @@ def test_run_figures_counts_and_rates():
                record(2, status="429", task="b", tokens=0), record(3, status="timeout", tokens=0)]
     records[3].error = "ReadTimeout"
     f = run_figures(records, wall_s=4.0)
-    assert (f.num_requests, f.num_ok, f.num_failed) == (4, 2, 2)
+    assert (f.num_requests, f.num_ok, f.num_failed, f.num_rate_limited) == (4, 2, 1, 1)  # a 429 is no error
     assert f.by_status == {"200": 2, "429": 1, "timeout": 1}
     assert f.generated_tokens == 8 and f.tokens_per_s == 2.0 and f.requests_per_s == 0.5
     assert f.latency.max == 2.0 and f.first_token.p50 == pytest.approx(0.2)
