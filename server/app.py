@@ -6,18 +6,19 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Callable
 
 from fastapi import FastAPI
 
-from server.api import fine_tuning, generate, openai, ops, tasks
+from server.api import fine_tuning, generate, openai, ops, tasks, usage
 from server.auth import KeyRing
 from server.config import Settings
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import AccessLogMiddleware, BodyLimitMiddleware
 from server.runtime import Runtime, build_runtime
+from server.tenancy.gate import tenant_gate
 from server.training.service import start_training
 
 log = logging.getLogger("promptserve")
@@ -40,9 +41,11 @@ def create_app(settings: Settings | None = None, *,
     app.state.keyring = KeyRing.from_file(settings.api_keys) if settings.api_keys else None
     app.state.metrics = Metrics(max_task_labels=settings.metrics_max_tasks,
                                 engine_stats=lambda: _runtime_part(app, "engine"),
-                                store_stats=lambda: _runtime_part(app, "store"))
+                                store_stats=lambda: _runtime_part(app, "store"),
+                                max_tenant_labels=settings.metrics_max_tenants)
+    app.state.tenant_gate = tenant_gate(settings, app.state.metrics.tenants)
     install_error_handlers(app)
-    for router in (ops.router, generate.router, openai.router, tasks.router, fine_tuning.router):
+    for router in (ops.router, generate.router, openai.router, tasks.router, fine_tuning.router, usage.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
     app.add_middleware(AccessLogMiddleware, on_finish=app.state.metrics.observe_http)  # outermost
@@ -62,6 +65,7 @@ async def _lifespan(app: FastAPI):
         runtime, app.state.runtime = app.state.runtime, None  # new requests get 503 while others drain
         if runtime is not None:
             await _stop_engine(runtime.engine, app.state.settings.shutdown_grace_s)
+        app.state.tenant_gate.close()  # after the engine: the last requests are metered
         log.info("stopped")
 
 
@@ -73,7 +77,7 @@ async def _load(app: FastAPI) -> None:
         log.info("engine warm-up took %.1f s", seconds)
         app.state.training = await asyncio.to_thread(start_training, runtime)
         runtime.engine.start()
-    except Exception as e:  # noqa: BLE001 - reported on /ready and in the log, then the server stops
+    except Exception as e:
         log.exception("loading the model failed")
         app.state.load_error = f"{type(e).__name__}: {e}"
         app.state.on_fatal()

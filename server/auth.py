@@ -8,6 +8,16 @@ The keys file is JSON or YAML, either a list or a mapping keyed by the key itsel
         tasks: ["acme-*", "shared-*"]   # glob patterns over task ids
         admin: false                    # admins may also create and delete the tasks they can see
         base_model: true                # may call the bare model (no task)
+        operator: false                 # may read every tenant's usage and metrics
+        weight: 3                       # the tenant's share of the batch (default 1)
+        limits:                         # the tenant's limits (each optional; per server process)
+          requests_per_minute: 600
+          tokens_per_minute: 200000     # input + virtual + generated tokens
+          max_concurrent: 32
+          tokens_per_day: 10000000      # resets at 00:00 UTC
+
+`weight` and `limits` belong to the tenant: set them on any of its keys; keys of one tenant that set
+different values are refused.
 
 Keys are kept only as SHA-256 digests and compared in constant time; they are never logged.
 """
@@ -22,6 +32,8 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.tenancy.limits import NO_LIMITS, Limits
 
 
 class AuthError(Exception):
@@ -43,16 +55,22 @@ class _KeyEntry(BaseModel):
     tasks: list[str] = Field(default_factory=list)
     admin: bool = False
     base_model: bool = True
+    operator: bool = False
+    weight: float | None = Field(None, gt=0)
+    limits: Limits | None = None
 
 
 @dataclass(frozen=True)
 class Tenant:
-    """Who is calling and what they may touch."""
+    """Who is calling, what they may touch, and their share and limits."""
 
     name: str
     task_patterns: tuple[str, ...]
     is_admin: bool
     may_use_base_model: bool
+    is_operator: bool = False
+    weight: float = 1.0
+    limits: Limits = NO_LIMITS
 
     def may_use(self, task_id: str | None) -> bool:
         """True if this tenant may read or run `task_id` (None: the bare model)."""
@@ -66,7 +84,13 @@ class Tenant:
         return self.is_admin and self.may_use(task_id)
 
 
-OPEN_TENANT = Tenant(name="anonymous", task_patterns=("*",), is_admin=True, may_use_base_model=True)
+    def may_read_usage_of(self, tenant: str) -> bool:
+        """True if this key may read `tenant`'s usage (its own; every tenant's for an operator)."""
+        return self.is_operator or tenant == self.name
+
+
+OPEN_TENANT = Tenant(name="anonymous", task_patterns=("*",), is_admin=True, may_use_base_model=True,
+                     is_operator=True)
 
 
 def _digest(key: str) -> bytes:
@@ -80,7 +104,7 @@ class KeyRing:
         self._entries = entries
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "KeyRing":
+    def from_file(cls, path: str | Path) -> KeyRing:
         """Read a JSON or YAML keys file (see the module docstring)."""
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))  # YAML is a superset of JSON
@@ -89,17 +113,18 @@ class KeyRing:
         return cls.from_data(raw, source=str(path))
 
     @classmethod
-    def from_data(cls, raw: object, source: str = "keys") -> "KeyRing":
+    def from_data(cls, raw: object, source: str = "keys") -> KeyRing:
         """Build from parsed JSON/YAML: a list of entries, {"keys": [...]}, or {key: {tenant, ...}}."""
-        items = _entry_dicts(raw, source)
-        entries: list[tuple[bytes, Tenant]] = []
-        for i, item in enumerate(items):
+        parsed: list[_KeyEntry] = []
+        for i, item in enumerate(_entry_dicts(raw, source)):
             try:
-                e = _KeyEntry.model_validate(item)
+                parsed.append(_KeyEntry.model_validate(item))
             except ValidationError as err:
                 fields = ", ".join(".".join(map(str, x["loc"])) + ": " + x["msg"] for x in err.errors())
                 raise KeysFileError(f"{source}: entry {i}: {fields}") from None  # never echo the key
-            entries.append((_digest(e.key), Tenant(e.tenant, tuple(e.tasks), e.admin, e.base_model)))
+        shares = _tenant_shares(parsed, source)
+        entries = [(_digest(e.key), Tenant(e.tenant, tuple(e.tasks), e.admin, e.base_model, e.operator,
+                                           *shares[e.tenant])) for e in parsed]
         if len({d for d, _ in entries}) != len(entries):
             raise KeysFileError(f"{source}: the same key appears twice")
         return cls(entries)
@@ -119,6 +144,18 @@ class KeyRing:
         if found is None:
             raise AuthError("invalid API key")
         return found
+
+
+def _tenant_shares(entries: list[_KeyEntry], source: str) -> dict[str, tuple[float, Limits]]:
+    """Each tenant's (weight, limits): what its keys set, the same on each key that sets them."""
+    shares: dict[str, tuple[float | None, Limits | None]] = {}
+    for e in entries:
+        weight, limits = shares.get(e.tenant, (None, None))
+        if None not in (weight, e.weight) and weight != e.weight or None not in (limits, e.limits) and limits != e.limits:
+            raise KeysFileError(f"{source}: the keys of tenant {e.tenant!r} set different weights or limits; "
+                                "set them the same on each key (or on one key only)")
+        shares[e.tenant] = (e.weight if weight is None else weight, e.limits if limits is None else limits)
+    return {name: (1.0 if w is None else w, NO_LIMITS if lim is None else lim) for name, (w, lim) in shares.items()}
 
 
 def _entry_dicts(raw: object, source: str) -> list[dict]:

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
                                                     "products, for a second copy of those weights); "
                                                     "--no-prepack-weights saves the memory")
     api_keys: Path | None = Field(None, description="JSON or YAML file of API keys (tenants, task globs, "
-                                                    "admin flag); none: no auth")
+                                                    "admin flag, weights, limits); none: no auth")
     served_model_name: str | None = Field(None, description="Name of the bare model in /v1/models and the "
                                                             "OpenAI `model` field (default: --model, or "
                                                             "'demo')")
@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(64 << 20, ge=1, description="Largest adapter upload body, bytes")
     metrics_max_tasks: int = Field(100, ge=0, description="Distinct task labels in /metrics; the rest "
                                                           "are counted under '__other__'")
+    metrics_max_tenants: int = Field(100, ge=0, description="Distinct tenant labels in /metrics; the rest "
+                                                            "are counted under '__other__'")
+    # Tenants (weights and limits are set in the --api-keys file).
+    fair_share: bool = Field(True, description="Admit requests by their tenants' weighted token shares (each "
+                             "tenant first in, first out); --no-fair-share: everyone first in, first out")
+    usage_dir: Path | None = Field(None, description="Where per-request usage is appended, a file a day "
+                                   "(default: <store>/.usage)")
+    usage_retention_days: int = Field(90, ge=1, description="Days of usage files kept")
     shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight requests get at shutdown")
     # Longer than clients' pool expiry (httpx 5 s, aiohttp 15 s, load balancers 60 s): with uvicorn's 5 s a
     # client could reuse a connection the server was closing, and the request died with a reset.

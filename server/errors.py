@@ -30,6 +30,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.error_type = error_type
+        self.headers: dict[str, str] = {}  # sent with the error (a 429's Retry-After and x-ratelimit-*)
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -99,9 +100,9 @@ def describe(exc: BaseException) -> ErrorBody:
 def error_response(exc: BaseException) -> JSONResponse:
     """The JSON response for an exception, with Retry-After / WWW-Authenticate where they belong."""
     body = describe(exc)
-    headers = {}
+    headers = dict(exc.headers) if isinstance(exc, ApiError) else {}
     if body.status == 429:
-        headers["Retry-After"] = str(RETRY_AFTER_S)
+        headers.setdefault("Retry-After", str(RETRY_AFTER_S))
     if body.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(body.json(), status_code=body.status, headers=headers)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from fastapi import Request
 
 from server.api.deps import check_use, get_runtime
 from server.auth import Tenant
-from server.engine.types import GenerationResult, SamplingParams, TokenEvent
+from server.engine.errors import QueueFull
+from server.engine.types import GenerationResult, SamplingParams, Share, TokenEvent
 from server.errors import ApiError
+from server.tenancy.gate import TenantGate
 
 # An ASGI server may put a callable under this key of the scope's "extensions": it is called once the
 # engine admits the request (the scale-out replica tells its ingress that a retry is no longer safe).
@@ -80,11 +82,26 @@ class Generation:
 
 
 async def submit(request: Request, tenant: Tenant, call: GenerationCall) -> Generation:
-    """Check the tenant may use the task, then submit; engine errors (422/404/429...) raise here."""
+    """Check the tenant may use the task and is within its limits, then submit; engine errors
+    (422/404/429...) raise here. The tenant's usage is metered when the request ends, however it ends."""
     check_use(request, tenant, call.task_id)
     runtime = get_runtime(request)
-    stream = await runtime.engine.submit(call.inputs, task_id=call.task_id, params=call.params,
-                                         request_id=getattr(request.state, "request_id", None))
+    gate: TenantGate = request.app.state.tenant_gate
+    ids = runtime.engine.tokenize(call.inputs)
+    grant = gate.admit(tenant, call.task_id, len(ids), call.params.max_new_tokens)
+    request.state.ratelimit_headers = grant.headers
+    try:
+        stream = await runtime.engine.submit(ids, task_id=call.task_id, params=call.params,
+                                             request_id=getattr(request.state, "request_id", None),
+                                             share=Share(tenant.name, tenant.weight))
+    except QueueFull:
+        gate.refused(tenant.name, call.task_id, "overloaded", grant)
+        raise
+    except BaseException:
+        gate.not_queued(grant)
+        raise
+    gate.queued(grant, stream.num_virtual_tokens)
+    stream.when_done(lambda result: gate.finished(grant, result))
     on_start = (request.scope.get("extensions") or {}).get(ENGINE_START_EXTENSION)
     if on_start is not None:
         stream.when_started(on_start)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from server.capped_labels import CappedLabels
 from server.engine.types import GenerationResult
+from server.tenancy.tenant_metrics import TenantMetrics
 
 OTHER_TASKS = "__other__"
 BASE_MODEL = "__base__"
@@ -23,10 +25,9 @@ class Metrics:
     """The server's metrics; `render()` gives the Prometheus text format."""
 
     def __init__(self, *, max_task_labels: int, engine_stats: Callable[[], object] | None = None,
-                 store_stats: Callable[[], object] | None = None):
+                 store_stats: Callable[[], object] | None = None, max_tenant_labels: int = 100):
         self.registry = CollectorRegistry(auto_describe=True)
-        self._max_task_labels = max_task_labels
-        self._task_labels: set[str] = set()
+        self._task_labels = CappedLabels(max_task_labels, OTHER_TASKS)
         r = self.registry
         self.http_requests = Counter("promptserve_http_requests", "HTTP requests by route, method, status",
                                      ["route", "method", "status"], registry=r)
@@ -46,6 +47,7 @@ class Metrics:
         self.affinity = Counter("promptserve_affinity_requests", "Requests for a task that reached a replica "
                                 "already holding it (hit) or not (miss); only with --replicas", ["result"],
                                 registry=r)
+        self.tenants = TenantMetrics(r, max_tenant_labels)
         r.register(_LiveCollector(engine_stats, store_stats))
 
     def observe_affinity(self, *, is_hit: bool) -> None:
@@ -54,20 +56,12 @@ class Metrics:
 
     def task_label(self, task_id: str | None) -> str:
         """The label for a task, capping the number of distinct labels."""
-        if task_id is None:
-            return BASE_MODEL
-        if task_id in self._task_labels:
-            return task_id
-        if len(self._task_labels) < self._max_task_labels:
-            self._task_labels.add(task_id)
-            return task_id
-        return OTHER_TASKS
+        return BASE_MODEL if task_id is None else self._task_labels(task_id)
 
     def forget_task(self, task_id: str) -> None:
         """A deleted task: its series leave /metrics and its label slot is free for another task."""
-        if task_id not in self._task_labels:
+        if not self._task_labels.forget(task_id):
             return
-        self._task_labels.discard(task_id)
         try:
             self.task_requests.remove(task_id)
         except KeyError:  # labelled but never counted
@@ -93,19 +87,24 @@ class Metrics:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
 
-    def render_for(self, may_see_task: Callable[[str], bool]) -> bytes:
-        """`render()` without the samples labelled with tasks the caller may not see (a scoped admin)."""
+    def render_for(self, may_see_task: Callable[[str], bool], may_see_tenant: Callable[[str], bool]) -> bytes:
+        """`render()` without the samples labelled with tasks or tenants the caller may not see."""
         lines = self.render().decode().splitlines(keepends=True)
-        kept = [line for line in lines if _visible(line, may_see_task)]
+        kept = [line for line in lines if _visible(line, may_see_task, may_see_tenant)]
         return "".join(kept).encode()
 
 
 _TASK_LABEL = re.compile(r'[{,]task="([^"]*)"')
+_TENANT_LABEL = re.compile(r'[{,]tenant="([^"]*)"')
 
 
-def _visible(line: str, may_see_task: Callable[[str], bool]) -> bool:
-    match = None if line.startswith("#") else _TASK_LABEL.search(line)
-    return match is None or match.group(1) in (OTHER_TASKS, BASE_MODEL) or may_see_task(match.group(1))
+def _visible(line: str, may_see_task: Callable[[str], bool], may_see_tenant: Callable[[str], bool]) -> bool:
+    if line.startswith("#"):
+        return True
+    task, tenant = _TASK_LABEL.search(line), _TENANT_LABEL.search(line)
+    if task is not None and task.group(1) not in (OTHER_TASKS, BASE_MODEL) and not may_see_task(task.group(1)):
+        return False
+    return tenant is None or may_see_tenant(tenant.group(1))
 
 
 class _LiveCollector:

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from server.errors import BodyTooLarge, error_response
 
@@ -39,7 +39,10 @@ class AccessLogMiddleware:
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                extra = [(b"x-request-id", request_id.encode())]
+                if message["status"] < 400:  # a 429 carries its own; set by generation.submit
+                    extra += [(k.encode(), v.encode()) for k, v in state.get("ratelimit_headers", {}).items()]
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:

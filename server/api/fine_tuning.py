@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from prompt_store.task_ids import check_task_id
 from server.api.deps import get_runtime, get_tenant
+from server.api.responses import error_responses
 from server.auth import ForbiddenError, Tenant
 from server.errors import ApiError
 from server.runtime import Runtime
@@ -75,7 +76,7 @@ def _owned(record: dict | None, tenant: Tenant, what: str, ident: str) -> dict:
     return record
 
 
-@router.post("/v1/files")
+@router.post("/v1/files", responses=error_responses(400, 401, 413, 422, 501, 503))
 async def upload_file(request: Request, purpose: str = Form(...), file: UploadFile = File(...),
                       runtime: Runtime = Depends(get_runtime), tenant: Tenant = Depends(get_tenant)) -> dict:
     """A JSONL training file; every line is checked now (422 naming the first bad line)."""
@@ -93,20 +94,20 @@ async def upload_file(request: Request, purpose: str = Form(...), file: UploadFi
     return _public(record)
 
 
-@router.get("/v1/files")
+@router.get("/v1/files", responses=error_responses(401, 501, 503))
 async def list_files(request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
     state, _ = _training(request)
     files = await asyncio.to_thread(state.files)
     return {"object": "list", "data": [_public(f) for f in files if f["tenant"] == tenant.name]}
 
 
-@router.get("/v1/files/{file_id}")
+@router.get("/v1/files/{file_id}", responses=error_responses(401, 404, 422, 501, 503))
 async def get_file(file_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
     state, _ = _training(request)
     return _public(_owned(_lookup(state.file, file_id), tenant, "file", file_id))
 
 
-@router.delete("/v1/files/{file_id}")
+@router.delete("/v1/files/{file_id}", responses=error_responses(401, 404, 422, 501, 503))
 async def delete_file(file_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
     state, _ = _training(request)
     _owned(_lookup(state.file, file_id), tenant, "file", file_id)
@@ -114,7 +115,7 @@ async def delete_file(file_id: str, request: Request, tenant: Tenant = Depends(g
     return {"id": file_id, "object": "file", "deleted": True}
 
 
-@router.post("/v1/fine_tuning/jobs")
+@router.post("/v1/fine_tuning/jobs", responses=error_responses(400, 401, 403, 404, 413, 422, 429, 501, 503))
 async def create_job(body: JobCreate, request: Request, runtime: Runtime = Depends(get_runtime),
                      tenant: Tenant = Depends(get_tenant)) -> dict:
     """Queue a job that trains `task_id` (created, or replaced by a new version when it succeeds)."""
@@ -144,7 +145,7 @@ async def create_job(body: JobCreate, request: Request, runtime: Runtime = Depen
     return _public(job)
 
 
-@router.get("/v1/fine_tuning/jobs")
+@router.get("/v1/fine_tuning/jobs", responses=error_responses(401, 422, 501, 503))
 async def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
                     tenant: Tenant = Depends(get_tenant)) -> dict:
     """Newest first, paged with `after` (a job id) and `limit`."""
@@ -156,7 +157,7 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = Que
     return {"object": "list", "data": [_public(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}")
+@router.get("/v1/fine_tuning/jobs/{job_id}", responses=error_responses(401, 404, 422, 501, 503))
 async def get_job(job_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
     """The job, with its progress and losses as of the latest step."""
     state, runner = _training(request)
@@ -164,7 +165,8 @@ async def get_job(job_id: str, request: Request, tenant: Tenant = Depends(get_te
     return _public(runner.live_view(job_id) or job)
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=None)
+@router.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=None,
+            responses=error_responses(401, 404, 422, 501, 503))
 async def job_events(job_id: str, request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=1000),
                      stream: bool = False, tenant: Tenant = Depends(get_tenant)) -> dict | StreamingResponse:
     """Newest first, as OpenAI lists them. With `stream=true`: server-sent events, oldest first, as they
@@ -180,7 +182,7 @@ async def job_events(job_id: str, request: Request, after: str | None = None, li
     return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
 
 
-@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel", responses=error_responses(401, 404, 409, 422, 501, 503))
 async def cancel_job(job_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
     """The job stops before its next step; its task is left as it was."""
     state, runner = _training(request)

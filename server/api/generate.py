@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import get_tenant
+from server.api.responses import generation_responses
 from server.auth import Tenant
 from server.engine.types import GenerationResult, SamplingParams, TokenEvent
 from server.errors import ApiError, stream_error
@@ -62,21 +63,21 @@ def response_body(body: GenerateRequest, result: GenerationResult) -> GenerateRe
     return GenerateResponse(generated_text=prefix + result.text, details=details)
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses=generation_responses())
 async def generate(body: GenerateRequest, request: Request, tenant: Tenant = Depends(get_tenant)):
     """Generate the whole completion (TGI `/generate`)."""
     generation = await submit(request, tenant, _call(body, request))
     return response_body(body, await generation.complete())
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", responses=generation_responses())
 async def generate_stream(body: GenerateRequest, request: Request, tenant: Tenant = Depends(get_tenant)):
     """Server-sent events, one per token, the last with generated_text and details (TGI format)."""
     generation = await submit(request, tenant, _call(body, request))
     return StreamingResponse(tgi_events(body, generation), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@router.post("/")
+@router.post("/", responses=generation_responses())
 async def compat(body: GenerateRequest, request: Request, tenant: Tenant = Depends(get_tenant)):
     """TGI's compat route: a one-element list, or SSE when `"stream": true` (what TGI clients call)."""
     if body.stream:
@@ -86,20 +87,20 @@ async def compat(body: GenerateRequest, request: Request, tenant: Tenant = Depen
 
 
 # The task in the URL, for clients that cannot send a task id (text-generation's Client(base_url)).
-@router.post("/tasks/{task_id}/generate", response_model=GenerateResponse)
+@router.post("/tasks/{task_id}/generate", response_model=GenerateResponse, responses=generation_responses())
 async def task_generate(task_id: str, body: GenerateRequest, request: Request, tenant: Tenant = Depends(get_tenant)):
     """`/generate` for the task in the URL."""
     return await generate(_with_task(body, task_id), request, tenant)
 
 
-@router.post("/tasks/{task_id}/generate_stream")
+@router.post("/tasks/{task_id}/generate_stream", responses=generation_responses())
 async def task_generate_stream(task_id: str, body: GenerateRequest, request: Request,
                                tenant: Tenant = Depends(get_tenant)):
     """`/generate_stream` for the task in the URL."""
     return await generate_stream(_with_task(body, task_id), request, tenant)
 
 
-@router.post("/tasks/{task_id}")
+@router.post("/tasks/{task_id}", responses=generation_responses())
 async def task_compat(task_id: str, body: GenerateRequest, request: Request, tenant: Tenant = Depends(get_tenant)):
     """The compat route `/` for the task in the URL."""
     return await compat(_with_task(body, task_id), request, tenant)

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import check_use, get_runtime, get_tenant
+from server.api.responses import error_responses, generation_responses
 from server.auth import Tenant
 from server.engine.types import FINISH_LENGTH, GenerationResult, SamplingParams
 from server.errors import ApiError, stream_error
@@ -52,7 +53,7 @@ def _usage(result: GenerationResult) -> dict:
             "total_tokens": result.prompt_tokens + result.generated_tokens}
 
 
-@router.get("/models")
+@router.get("/models", responses=error_responses(401, 503))
 async def models(runtime: Runtime = Depends(get_runtime), tenant: Tenant = Depends(get_tenant)) -> dict:
     """The bare model (if allowed) and every task this key may use."""
     infos = await asyncio.to_thread(runtime.store.list)
@@ -65,7 +66,7 @@ async def models(runtime: Runtime = Depends(get_runtime), tenant: Tenant = Depen
     return {"object": "list", "data": data}
 
 
-@router.get("/models/{model_id}")
+@router.get("/models/{model_id}", responses=error_responses(400, 401, 403, 404, 422, 503))
 async def model(model_id: str, request: Request, runtime: Runtime = Depends(get_runtime),
                 tenant: Tenant = Depends(get_tenant)) -> dict:
     """One model: the bare model or a task this key may use."""
@@ -78,7 +79,7 @@ async def model(model_id: str, request: Request, runtime: Runtime = Depends(get_
             "parent": runtime.model_name}
 
 
-@router.post("/completions")
+@router.post("/completions", responses=generation_responses())
 async def completions(body: CompletionRequest, request: Request, runtime: Runtime = Depends(get_runtime),
                       tenant: Tenant = Depends(get_tenant)):
     """Text completion of one prompt."""
@@ -101,7 +102,7 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
                                  "finish_reason": _finish(result.finish_reason)}], "usage": _usage(result)}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=generation_responses())
 async def chat_completions(body: ChatRequest, request: Request, runtime: Runtime = Depends(get_runtime),
                            tenant: Tenant = Depends(get_tenant)):
     """Chat completion, rendered with the tokenizer's chat template."""

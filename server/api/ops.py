@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.deps import get_runtime, get_tenant, require_admin
+from server.api.responses import error_responses
 from server.auth import Tenant
 from server.engine.errors import EngineStopped
 from server.errors import error_response
@@ -21,7 +22,7 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses=error_responses(503))
 async def ready(request: Request) -> JSONResponse:
     """Ready: the model is loaded and the engine loop runs (503 otherwise; no auth)."""
     runtime = getattr(request.app.state, "runtime", None)
@@ -33,14 +34,14 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "model": runtime.model_name})
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses=error_responses(401, 403))
 async def metrics(request: Request, tenant: Tenant = Depends(require_admin)) -> Response:
     """Prometheus metrics (an admin key when keys are set); task labels only of tasks the key covers."""
-    body = request.app.state.metrics.render_for(tenant.may_use)
+    body = request.app.state.metrics.render_for(tenant.may_use, tenant.may_read_usage_of)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/info", dependencies=[Depends(get_tenant)])
+@router.get("/info", dependencies=[Depends(get_tenant)], responses=error_responses(401, 503))
 async def info(runtime: Runtime = Depends(get_runtime)) -> dict:
     """The served model and limits (like TGI's /info)."""
     s = runtime.settings

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompt_store.errors import TaskNotFound
 from server.api.deps import check_use, check_write, get_runtime, get_tenant
+from server.api.responses import error_responses
 from server.auth import Tenant
 from server.errors import ApiError
 from server.runtime import Runtime
@@ -31,7 +32,7 @@ def task_out(info) -> TaskOut:
                    modified=info.modified, error=getattr(info, "error", None))
 
 
-@router.get("", response_model=TaskList)
+@router.get("", response_model=TaskList, responses=error_responses(401, 422, 503))
 async def list_tasks(request: Request, limit: int = Query(1000, ge=1, le=100_000), offset: int = Query(0, ge=0),
                      prefix: str = Query("", max_length=128), runtime: Runtime = Depends(get_runtime),
                      tenant: Tenant = Depends(get_tenant)) -> TaskList:
@@ -42,7 +43,7 @@ async def list_tasks(request: Request, limit: int = Query(1000, ge=1, le=100_000
     return TaskList(tasks=[task_out(i) for i in visible[offset:offset + limit]], total=len(visible))
 
 
-@router.get("/{task_id}", response_model=TaskOut)
+@router.get("/{task_id}", response_model=TaskOut, responses=error_responses(400, 401, 403, 404, 422, 503))
 async def get_task(task_id: str, request: Request, runtime: Runtime = Depends(get_runtime),
                    tenant: Tenant = Depends(get_tenant)) -> TaskOut:
     """One task's metadata."""
@@ -50,7 +51,8 @@ async def get_task(task_id: str, request: Request, runtime: Runtime = Depends(ge
     return task_out(await asyncio.to_thread(runtime.store.info, task_id))
 
 
-@router.put("/{task_id}", response_model=TaskOut, responses={201: {"model": TaskOut}})
+@router.put("/{task_id}", response_model=TaskOut,
+            responses={201: {"model": TaskOut}, **error_responses(400, 401, 403, 413, 415, 422, 503)})
 async def put_task(task_id: str, request: Request, runtime: Runtime = Depends(get_runtime),
                    tenant: Tenant = Depends(get_tenant)) -> JSONResponse:
     """Create or replace a task: multipart PEFT files (`config`, `weights`), or JSON `TaskInit`."""
@@ -69,7 +71,7 @@ async def put_task(task_id: str, request: Request, runtime: Runtime = Depends(ge
     return JSONResponse(task_out(info).model_dump(), status_code=201 if is_new else 200)
 
 
-@router.delete("/{task_id}", status_code=204)
+@router.delete("/{task_id}", status_code=204, responses=error_responses(400, 401, 403, 404, 422, 503))
 async def delete_task(task_id: str, request: Request, runtime: Runtime = Depends(get_runtime),
                       tenant: Tenant = Depends(get_tenant)) -> Response:
     """Delete a task (404 if it does not exist); its /metrics series and cached KV go with it."""

@@ -155,13 +155,16 @@ def _wait_for_queue(c: httpx.Client, replica_id: str, depth: int) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     deadline = time.monotonic() + 30
+    seen: dict = {}
     while time.monotonic() < deadline:
         for family in text_string_to_metric_families(c.get("/metrics").text):
-            if family.name == "promptserve_queue_depth" and any(
-                    s.labels["replica"] == replica_id and s.value >= depth for s in family.samples):
-                return
+            if family.name in ("promptserve_queue_depth", "promptserve_running_batch_size"):
+                seen.update({(family.name, s.labels["replica"]): s.value for s in family.samples})
+        if seen.get(("promptserve_queue_depth", replica_id), 0) >= depth:
+            return
         time.sleep(0.02)
-    raise AssertionError(f"replica {replica_id} never had {depth} requests waiting")
+    # What each replica ran and queued last, to tell a routing surprise from an engine one.
+    raise AssertionError(f"replica {replica_id} never had {depth} requests waiting; last seen: {seen}")
 
 
 def test_mixed_tasks_match_peft_on_every_route(cluster):
