@@ -1,6 +1,6 @@
 """Noisy neighbour: tenant B's p99 latency while tenant A floods, fair share against first in, first out.
 
-    python bench/bench_fairness.py                              # about 6 minutes on 2 CPU cores
+    python bench/bench_fairness.py                              # about 8 minutes on 2 CPU cores
     python bench/bench_fairness.py --baseline-commit f77aaae    # also the commit before fair share
 
 Each server is a real `python -m server.cli serve` on loopback with the same model, flags and API keys
@@ -9,20 +9,22 @@ Each server is a real `python -m server.cli serve` on loopback with the same mod
   fifo      this tree with --no-fair-share
   baseline  --baseline-commit, checked out into a temporary git worktree (first in, first out by construction)
 Phases: the capacity C (completed requests/s, closed loop at twice the batch, on `fair`); then on each
-server B alone (open loop, Poisson, at --b-share of C) and B beside A, who sends at --flood x its fair
-share of capacity (C/2). Prints B's p50/p99 per phase, 429s, and total generated tokens/s while A floods,
-and the ratios: B's p99 beside A over B's p99 alone (target <= 1.5 with fair share), fair throughput over
-FIFO's (target within 5 %).
+server, B sending at --b-share of C (open loop, Poisson): alone; beside A sending its fair share C/2 (the
+machine full, no flood); beside A flooding at --flood x its share. Prints B's p50/p99 and mean queue time
+(from the server's /v1/usage) per phase, 429s, total generated tokens/s, and the ratios: B's p99 while A
+floods over B's p99 alone (target <= 1.5 with fair share) and over B's p99 beside A at its share (what the
+flood itself costs B), and fair throughput over FIFO's while A floods (target within 5 %).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
+import multiprocessing
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,27 +136,60 @@ async def capacity(url: str, args) -> float:
     return len(tally.latencies) / (time.perf_counter() - t0)
 
 
-async def phases(url: str, cap: float, args) -> dict[str, Tally]:
+PHASES = ("alone", "A at its share", "A floods")
+
+
+async def phases(url: str, cap: float, args) -> dict:
+    """B alone; B beside A sending its fair share (C/2: a full machine, no flood); B beside A flooding."""
     rng = random.Random(args.seed)
-    out = {"B alone": Tally(), "B beside A": Tally(), "A": Tally()}
+    out: dict = {}
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        await open_loop(client, "B", args.b_share * cap, args.phase_s, args, out["B alone"], rng)
-        t0 = time.perf_counter()
-        await asyncio.gather(open_loop(client, "A", args.flood * cap / 2, args.phase_s, args, out["A"], rng),
-                             open_loop(client, "B", args.b_share * cap, args.phase_s, args, out["B beside A"], rng))
-        out["seconds"] = time.perf_counter() - t0
+        for phase, a_rate in zip(PHASES, (0.0, cap / 2, args.flood * cap / 2)):
+            b = Tally()
+            queue_before = await queue_seconds(client)
+            t0 = time.perf_counter()
+            # A's load comes from its own process, so that its flood does not delay B's client (its event loop).
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                a = pool.submit(a_load, url, a_rate, args, rng.random()) if a_rate else None
+                await open_loop(client, "B", args.b_share * cap, args.phase_s, args, b, rng)
+                a = await asyncio.wrap_future(a) if a is not None else Tally()
+            queue_after = await queue_seconds(client)
+            b_queue_ms = None if queue_before is None else (queue_after - queue_before) / max(1, len(b.latencies)) * 1e3
+            out[phase] = {"B": b, "A": a, "seconds": time.perf_counter() - t0, "B queue ms": b_queue_ms}
     return out
 
 
+def a_load(url: str, rate: float, args, seed: float) -> Tally:
+    """Tenant A's open loop, in a process of its own."""
+    async def go() -> Tally:
+        tally = Tally()
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+            await open_loop(client, "A", rate, args.phase_s, args, tally, random.Random(seed))
+        return tally
+
+    return asyncio.run(go())
+
+
+async def queue_seconds(client: httpx.AsyncClient) -> float | None:
+    """B's total queue seconds so far, from the server's usage (None where the server has no /v1/usage)."""
+    r = await client.get("/v1/usage", headers={"Authorization": f"Bearer {KEYS['B']}"})
+    return r.json()["totals"]["queue_seconds"] if r.status_code == 200 else None
+
+
+def tokens_s(phase: dict) -> float:
+    """Generated tokens per second, both tenants."""
+    return (phase["B"].num_tokens + phase["A"].num_tokens) / phase["seconds"]
+
+
 def report(name: str, r: dict) -> None:
-    alone, beside, a = r["B alone"], r["B beside A"], r["A"]
-    tokens_s = (beside.num_tokens + a.num_tokens) / r["seconds"]
-    print(f"{name:9s} B alone p50 {alone.p(.5) * 1e3:7.0f} ms  p99 {alone.p(.99) * 1e3:7.0f} ms | beside A: "
-          f"p50 {beside.p(.5) * 1e3:7.0f} ms  p99 {beside.p(.99) * 1e3:7.0f} ms  B 429s {beside.num_429:4d}/"
-          f"{beside.num_429 + len(beside.latencies)} | A ok {len(a.latencies):5d} 429s {a.num_429:5d} | "
-          f"{tokens_s:7.1f} tokens/s | p99 ratio {beside.p(.99) / alone.p(.99):6.2f}x | errors "
-          f"{alone.num_errors + beside.num_errors + a.num_errors}")
+    for phase in PHASES:
+        b, a, queue_ms = r[phase]["B"], r[phase]["A"], r[phase]["B queue ms"]
+        print(f"{name:16s} {phase:15s} B p50 {b.p(.5) * 1e3:6.0f} ms p99 {b.p(.99) * 1e3:6.0f} ms "
+              f"(mean queue {'  n/a' if queue_ms is None else f'{queue_ms:5.0f}'} ms) ok {len(b.latencies):4d} "
+              f"429 {b.num_429:3d} | A ok {len(a.latencies):5d} 429 {a.num_429:5d} | {tokens_s(r[phase]):6.1f} "
+              f"tokens/s | errors {b.num_errors + a.num_errors}")
 
 
 def main() -> None:
@@ -170,9 +205,9 @@ def main() -> None:
         (tmp / "keys.yaml").write_text(yaml.safe_dump({"keys": keys}))
         servers = [("fair", repo, ()), ("fifo", repo, ("--no-fair-share",))]
         if args.baseline_commit:
-            subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tmp / "baseline"),
+            subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tmp / "baseline-src"),
                             args.baseline_commit], check=True, capture_output=True)
-            servers.append((f"baseline {args.baseline_commit[:7]}", tmp / "baseline", ()))
+            servers.append((f"baseline {args.baseline_commit[:7]}", tmp / "baseline-src", ()))
         results, cap = {}, None
         try:
             for name, root, extra in servers:
@@ -191,24 +226,25 @@ def main() -> None:
                     proc.wait(30)
         finally:
             if args.baseline_commit:
-                subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp / "baseline")],
+                subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp / "baseline-src")],
                                check=False, capture_output=True)
         _ratios(results)
 
 
 def _ratios(results: dict) -> None:
-    def tokens_s(r):
-        return (r["B beside A"].num_tokens + r["A"].num_tokens) / r["seconds"]
+    def p99(name: str, phase: str) -> float:
+        return results[name][phase]["B"].p(.99)
 
-    fair = results["fair"]
-    print(f"fair: B p99 beside A / alone = {fair['B beside A'].p(.99) / fair['B alone'].p(.99):.2f}x (target <= 1.5)")
-    for name, r in results.items():
+    print("B's p99 while A floods, over B's p99 alone (target <= 1.5 with fair share), and over B's p99 beside A at "
+          "its share (the flood's own cost):")
+    for name in results:
+        print(f"  {name:16s} {p99(name, 'A floods') / p99(name, 'alone'):6.2f}x alone   "
+              f"{p99(name, 'A floods') / p99(name, 'A at its share'):6.2f}x beside A at its share")
+    fair = tokens_s(results["fair"]["A floods"])
+    for name in results:
         if name != "fair":
-            print(f"{name}: B p99 beside A / alone = {r['B beside A'].p(.99) / r['B alone'].p(.99):.2f}x; "
-                  f"fair tokens/s over {name}'s = {tokens_s(fair) / tokens_s(r):.3f} (target >= 0.95)")
-    print("median B latency beside A, fair vs fifo:",
-          f"{statistics.median(fair['B beside A'].latencies):.3f}s vs "
-          f"{statistics.median(results['fifo']['B beside A'].latencies or [float('nan')]):.3f}s")
+            print(f"total tokens/s while A floods, fair over {name}: {fair / tokens_s(results[name]['A floods']):.3f} "
+                  "(target >= 0.95)")
 
 
 if __name__ == "__main__":

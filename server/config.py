@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     # Tenants (weights and limits are set in the --api-keys file).
     fair_share: bool = Field(True, description="Admit requests by their tenants' weighted token shares (each "
                              "tenant first in, first out); --no-fair-share: everyone first in, first out")
+    preempt_after_steps: int = Field(32, ge=0, description="With every batch row busy, a least-served tenant "
+                                     "that had nothing admitted for this many engine steps takes a row from a more "
+                                     "served tenant (that request recomputes its context when it runs again); 0: "
+                                     "never preempt")
     usage_dir: Path | None = Field(None, description="Where per-request usage is appended, a file a day "
                                    "(default: <store>/.usage)")
     usage_retention_days: int = Field(90, ge=1, description="Days of usage files kept")

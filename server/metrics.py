@@ -124,6 +124,8 @@ class _LiveCollector:
             yield GaugeMetricFamily("promptserve_running_batch_size", "Requests being decoded",
                                     value=s.num_running)
             yield CounterMetricFamily("promptserve_engine_steps", "Engine steps", value=s.num_steps)
+            yield CounterMetricFamily("promptserve_engine_preemptions", "Running requests whose row went to a "
+                                      "less served tenant (recomputed when admitted again)", value=s.num_preempted)
             yield GaugeMetricFamily("promptserve_engine_running", "1 while the engine loop runs",
                                     value=float(s.is_running))
             if s.kv is not None:

@@ -30,6 +30,9 @@ class EngineConfig:
     native_decode: bool = True  # slot engine on CPU: the native decode kernel (native_decode.py) where it builds
     prepack_weights: bool = True  # slot engine on CPU: linear weights also kept in oneDNN's layout (packed_linear.py)
     fair_share: bool = True  # admission by tenants' weighted token shares; False: first in, first out
+    # Slot engine with fair share: a least-served tenant's request that waited this many steps with every
+    # slot busy takes a row from a more served tenant (recomputed when it runs again); 0: never preempt.
+    preempt_after_steps: int = 32
     max_stop_sequences: int = 8
     max_stop_length: int = 256  # characters in one stop sequence
     idle_wait_s: float = 0.5  # how long the worker sleeps when idle before checking again
@@ -46,5 +49,7 @@ class EngineConfig:
             raise ValueError("EngineConfig.max_stall_ratio must be 0 (off) or > 1")
         if self.burst_wait_s < 0:
             raise ValueError("EngineConfig.burst_wait_s must be >= 0")
+        if self.preempt_after_steps < 0:
+            raise ValueError("EngineConfig.preempt_after_steps must be >= 0 (0: never preempt)")
         if self.prefix_cache_bytes < 0:
             raise ValueError("EngineConfig.prefix_cache_bytes must be >= 0")

@@ -233,7 +233,8 @@ class Engine:
         return EngineStats(is_running=self._is_accepting, num_waiting=self._scheduler.num_waiting,
                            num_running=self._scheduler.num_running, num_steps=w.num_steps,
                            num_finished=w.num_finished, num_failed=w.num_failed, num_cancelled=w.num_cancelled,
-                           num_generated_tokens=w.num_generated_tokens, kv=self._kv_stats())
+                           num_generated_tokens=w.num_generated_tokens, num_preempted=w.num_preempted,
+                           kv=self._kv_stats())
 
     def _kv_stats(self) -> KVStats | None:
         if self.pool is None:

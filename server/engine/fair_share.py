@@ -8,7 +8,8 @@ being idle banks no credit and an idle tenant's share goes to the others. This i
 counter of Sheng et al., "Fairness in Serving Large Language Models" (OSDI 2024).
 
 No starvation: a waiting tenant's counter stands still while every tenant served ahead of it moves up, so
-it is admitted once the others have been served at most (its lag + one request's tokens) / weight more.
+it is admitted once the others have been served at most (its lag + one request's tokens) / weight more;
+when long requests hold every row, the scheduler preempts one of a more served tenant (`victim`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class FairShare:
             tenant.counter = max(tenant.counter, self._lift_level(exclude=seq.tenant))
         tenant.waiting.append(seq)
         self.num_waiting += 1
+
+    def is_active(self, tenant: str) -> bool:
+        """Whether `tenant` has requests waiting or running."""
+        found = self._tenants.get(tenant)
+        return found is not None and found.is_active
 
     def num_waiting_of(self, tenant: str) -> int:
         """Requests of `tenant` waiting."""
@@ -117,6 +123,24 @@ class FairShare:
         tenant = self._tenants[seq.tenant]
         self._charge(seq, tenant)
         tenant.num_running -= 1
+
+    def requeue(self, seq: Queued) -> None:
+        """A preempted request goes back to the head of its tenant's queue (its tokens stay counted)."""
+        if id(seq) in self._running:
+            self._running.discard(id(seq))
+            self._tenants[seq.tenant].num_running -= 1
+        self._tenants[seq.tenant].waiting.appendleft(seq)
+        self.num_waiting += 1
+
+    def victim(self, running: list[Queued], waiting_tenant: str) -> Queued | None:
+        """The request to preempt for `waiting_tenant`: the latest admitted of the most served running
+        tenant, if that tenant is served more than `waiting_tenant` (by counter); else None."""
+        mine = self._tenants[waiting_tenant].counter
+        over = [s for s in running if s.tenant != waiting_tenant and self._tenants[s.tenant].counter > mine]
+        if not over:
+            return None
+        top = max(self._tenants[s.tenant].counter for s in over)
+        return [s for s in over if self._tenants[s.tenant].counter == top][-1]
 
     def counter(self, tenant: str) -> float:
         """Tokens served to `tenant` per unit of weight (for tests and metrics)."""

@@ -20,6 +20,8 @@ class Scheduler:
         self._lock = threading.Lock()  # submit() adds from the event loop; the worker admits
         self._fair = FairShare()
         self._running: list[Sequence] = []
+        self._num_admissions = 0  # admission rounds so far (a step each in the slot engine)
+        self._last_served: dict[str, int] = {}  # tenant -> round of its last admission, or of its arrival
 
     @property
     def num_waiting(self) -> int:
@@ -62,6 +64,8 @@ class Scheduler:
         """Queue a new request, or raise QueueFull."""
         with self._lock:
             self.check_room(seq.tenant, seq.weight)
+            if not self._fair.is_active(seq.tenant):
+                self._last_served[seq.tenant] = self._num_admissions  # its wait starts now
             self._fair.add(seq)
 
     def admit(self) -> list[Sequence]:
@@ -89,6 +93,7 @@ class Scheduler:
         be admitted if it says yes. Chunked prefill bounds the step, so no prefill budget applies here."""
         admitted: list[Sequence] = []
         deferred: set[int] = set()
+        self._num_admissions += 1
         with self._lock:
             self._fair.charge(self._running)
             while len(admitted) < min(num_free, self._config.max_batch_size - len(self._running)):
@@ -96,8 +101,31 @@ class Scheduler:
                 if seq is None:
                     break
                 self._fair.admit(seq)  # counters move: the next pick is made afresh
+                self._last_served[seq.tenant] = self._num_admissions
                 admitted.append(seq)
         return self._start(admitted)
+
+    def preempt_for_waiting(self, num_free: int) -> Sequence | None:
+        """Slot engine, batch full: if the least served waiting tenant has had nothing admitted for
+        `preempt_after_steps` steps (since it began waiting), take a row from a tenant served more than
+        it (its latest admitted request, which loses the least work). The row goes back to the head of its
+        tenant's queue; the caller frees its slot. None: nobody to preempt. At most one a step."""
+        after = self._config.preempt_after_steps
+        if not after or num_free > 0 or len(self._running) < 1:
+            return None
+        with self._lock:
+            head = next(self._fair.candidates(), None)
+            if head is None or self._num_admissions - self._last_served.get(head.tenant, 0) < after:
+                return None
+            self._fair.charge(self._running)
+            seq = self._fair.victim(self._running, head.tenant)
+            if seq is None:
+                return None
+            self._fair.requeue(seq)
+            self._last_served[head.tenant] = self._num_admissions  # (its admission follows at once)
+        self._running = [s for s in self._running if s is not seq]
+        seq.status = Status.WAITING
+        return seq
 
     def take_cancelled(self) -> list[Sequence]:
         """Remove and return every request whose cancellation was asked for."""

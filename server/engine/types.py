@@ -90,6 +90,7 @@ class EngineStats:
     num_finished: int
     num_failed: int = 0
     num_cancelled: int = 0
+    num_preempted: int = 0  # rows given to a less served tenant's request (fair share)
     num_generated_tokens: int = 0
     kv: KVStats | None = None  # the slot engine's KV memory (None on the legacy path)
 

@@ -31,7 +31,7 @@ class WorkerBase:
         self._scheduler = scheduler
         self._release = release
         self.logits_tap: LogitsTap | None = None
-        self.num_steps = self.num_finished = self.num_failed = self.num_cancelled = 0
+        self.num_steps = self.num_finished = self.num_failed = self.num_cancelled = self.num_preempted = 0
         self.num_generated_tokens = 0
 
     @property
@@ -74,8 +74,9 @@ class WorkerBase:
 
     @staticmethod
     def _mark_admitted(seq: Sequence, now: float) -> None:
-        seq.admitted_at = now
-        seq.sink.on_start()
+        if seq.admitted_at is None:  # the first admission: a preempted request's queue time stays its first
+            seq.admitted_at = now
+            seq.sink.on_start()
 
     def _end_cancelled(self, cancelled: list[Sequence]) -> None:
         for seq in cancelled:

@@ -48,6 +48,9 @@ class SlotWorker(WorkerBase):
     def step(self) -> None:
         """One iteration: admit, then one packed forward of decode tokens and prompt chunks."""
         self._end_cancelled(self._scheduler.take_cancelled())
+        preempted = self._scheduler.preempt_for_waiting(self._pool.num_free)
+        if preempted is not None:
+            self._preempt(preempted)
         for seq in self._scheduler.admit_slots(self._pool.num_free, self._is_ready):
             self._place(seq)
         chunks = self._plan()
@@ -82,7 +85,7 @@ class SlotWorker(WorkerBase):
         self._mark_admitted(seq, time.monotonic())
         seq.slot = self._pool.allocate()
         self._owners[seq.slot] = seq
-        if seq.params.do_sample:
+        if seq.params.do_sample and id(seq) not in self._generators:  # a preempted one keeps its stream
             self._generators[id(seq)] = make_generator(seq.seed, self._pool.geometry.device)
         seq.num_cached = 0
         if seq.prompt is not None and self._prefixes.is_enabled:
@@ -138,6 +141,16 @@ class SlotWorker(WorkerBase):
             seq.shared_prefix = self._pool.save_prefix(seq.slot, seq.num_virtual_tokens)
             self._prefixes.put(*key, seq.shared_prefix, computed_since=seq.submitted_at)  # pinned then
             del self._computing[key]
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Its row goes to another tenant: the slot is freed; admitted again, it recomputes its context
+        (prompt and the tokens it generated) in one chunk and goes on, its sampler where it was."""
+        generator = self._generators.get(id(seq))
+        self._leave(seq)
+        if generator is not None:
+            self._generators[id(seq)] = generator
+        seq.num_cached = 0
+        self.num_preempted += 1
 
     def _leave(self, seq: Sequence) -> None:
         """Free the row's slot (the last slot moves into it) and whatever it was computing."""

@@ -25,8 +25,11 @@ def _seq(name: str, tenant: str, *, weight: float = 1.0, num_ids: int = 4, max_n
 class Sim:
     """The slot worker's loop without a model: admit into free slots, one token per running row per step."""
 
-    def __init__(self, num_slots: int, max_queue: int = 10_000):
-        self.sched = Scheduler(EngineConfig(max_batch_size=num_slots, max_queue=max_queue))
+    def __init__(self, num_slots: int, max_queue: int = 10_000, preempt_after_steps: int = 0):
+        self.sched = Scheduler(EngineConfig(max_batch_size=num_slots, max_queue=max_queue,
+                                            preempt_after_steps=preempt_after_steps))
+        self.preempted: list[str] = []
+        self.admissions: list[str] = []  # every admission, a preempted request's second one too
         self.num_running_after_admission: list[int] = []
         self.num_slots = num_slots
         self.num_steps = 0
@@ -34,10 +37,14 @@ class Sim:
         self.tokens: dict[str, int] = {}
 
     def step(self) -> list[Sequence]:
+        victim = self.sched.preempt_for_waiting(self.num_slots - self.sched.num_running)
+        if victim is not None:
+            self.preempted.append(victim.request_id)
         admitted = self.sched.admit_slots(self.num_slots - self.sched.num_running, lambda s: True)
         self.num_running_after_admission.append(self.sched.num_running)
         for seq in admitted:
-            self.admitted_at[seq.request_id] = self.num_steps
+            self.admitted_at.setdefault(seq.request_id, self.num_steps)
+            self.admissions.append(seq.request_id)
         for seq in self.sched.running():
             seq.generated.append(7)
             self.tokens[seq.tenant] = self.tokens.get(seq.tenant, 0) + 1
@@ -177,3 +184,36 @@ def test_cancel_and_finish_count_a_request_once():
     c = _seq("a1", "a")
     sched.add(c)
     assert sched.admit_slots(1, lambda s: True) == [c]
+
+
+@pytest.mark.parametrize("after", [0, 8])
+def test_a_long_running_flood_is_preempted_for_a_waiting_tenant(after):
+    # A's requests run 200 tokens and hold every slot; B's request waits for a free slot (about 50 steps
+    # here) unless, after `after` steps, one of A's rows is given to it. The preempted request goes back to
+    # the head of A's queue with its tokens, and still ends with all 200.
+    sim = Sim(num_slots=4, preempt_after_steps=after)
+    flood = [_seq(f"a{i}", "a", max_new=200) for i in range(12)]
+    for seq in flood:
+        sim.sched.add(seq)
+    for _ in range(150):  # staggered: A's rows are at different lengths
+        sim.step()
+    b = _seq("b0", "b", max_new=5)
+    sim.sched.add(b)
+    submitted = sim.num_steps
+    while b.request_id not in sim.admitted_at:
+        sim.step()
+    wait = sim.admitted_at[b.request_id] - submitted
+    if after:
+        assert wait <= after + 1 and len(sim.preempted) == 1
+        victim = next(s for s in flood if s.request_id == sim.preempted[0])
+        assert victim.status.value == "waiting" and victim.generated  # kept its tokens
+    else:
+        assert wait > 20 and sim.preempted == []
+    num_before = len(sim.admissions)
+    while sim.sched.has_work():
+        sim.step()
+    assert all(len(s.generated) == 200 for s in flood)
+    assert len(sim.preempted) <= 1  # no thrashing once B is served
+    if after:  # admitted again before any request of A's that was still waiting
+        later_a = [r for r in sim.admissions[num_before:] if r.startswith("a")]
+        assert later_a[0] == sim.preempted[0], later_a[:3]
