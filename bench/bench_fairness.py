@@ -35,6 +35,9 @@ from pathlib import Path
 import httpx
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flood_client import FloodClient, poisson_flood
+
 KEYS = {"A": "noisy-key-0001", "B": "steady-key-001"}
 TASKS = {"A": "task-a", "B": "task-b"}  # each tenant its own prompt-tuned task (8 virtual tokens)
 PROMPT = "The kitchen smelled of fresh bread and the river ran by the mill"
@@ -161,15 +164,22 @@ async def phases(url: str, cap: float, args) -> dict:
 
 
 def a_load(url: str, rate: float, args, seed: float) -> Tally:
-    """Tenant A's open loop, in a process of its own."""
-    async def go() -> Tally:
-        tally = Tally()
-        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
-        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-            await open_loop(client, "A", rate, args.phase_s, args, tally, random.Random(seed))
-        return tally
+    """Tenant A's open loop, in a process of its own, through the lean flood client (its CPU is the server's)."""
+    tally = Tally()
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": args.new_tokens, "ignore_eos": True}}
+    client = FloodClient(url, f"/tasks/{TASKS['A']}/generate", body, {"Authorization": f"Bearer {KEYS['A']}"})
 
-    return asyncio.run(go())
+    def done(status: int, latency_s: float) -> None:
+        if status == 200:
+            tally.latencies.append(latency_s)
+            tally.num_tokens += args.new_tokens
+        elif status == 429:
+            tally.num_429 += 1
+        else:
+            tally.num_errors += 1
+
+    asyncio.run(poisson_flood(client, rate, args.phase_s, random.Random(seed), done))
+    return tally
 
 
 async def queue_seconds(client: httpx.AsyncClient) -> float | None:

@@ -37,7 +37,7 @@ class UsageOut(BaseModel):
 
 
 @router.get("/v1/usage", response_model=UsageOut, response_model_exclude_none=True,
-            responses=error_responses(400, 401, 403, 422))
+            responses=error_responses(400, 401, 403, 422, 503))
 async def usage(request: Request, start: str | None = Query(None, description="ISO 8601 time or Unix seconds; "
                                                             "rounded down to the hour (default: everything kept)"),
                 end: str | None = Query(None, description="ISO 8601 time or Unix seconds, exclusive (default: now)"),
@@ -53,7 +53,11 @@ async def usage(request: Request, start: str | None = Query(None, description="I
     if until <= since:
         raise ApiError(400, "bad_request", "end must be after start")
     names = None if who == ALL_TENANTS else {who}
-    rows = await asyncio.to_thread(request.app.state.tenant_gate.usage.rows, names, since, until)
+    log = request.app.state.tenant_gate.usage
+    if log is None:
+        raise ApiError(503, "unavailable", "usage metering is off: the server cannot write its usage folder "
+                       "(--usage-dir); see its log")
+    rows = await asyncio.to_thread(log.rows, names, since, until)
     out = {"tenant": who, "start": _iso(since), "end": _iso(until), "totals": _total(rows).json(),
            "by_task": [{"task": k, **c.json()} for k, c in _grouped(rows, lambda r: r.task)],
            "by_hour": [{"hour": _iso(k), **c.json()} for k, c in _grouped(rows, lambda r: r.hour)]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from server.auth import Tenant
@@ -10,6 +11,8 @@ from server.engine.types import GenerationResult
 from server.tenancy.rate_limiter import RateLimited, RateLimiter, Reservation
 from server.tenancy.tenant_metrics import TenantMetrics
 from server.tenancy.usage_log import Counts, UsageLog
+
+log = logging.getLogger("promptserve.usage")
 
 
 @dataclass
@@ -92,5 +95,10 @@ class TenantGate:
 
 def tenant_gate(settings: Settings, metrics: TenantMetrics) -> TenantGate:
     """The gate of one app: usage under --usage-dir (default <store>/.usage), limits from the keys file."""
-    usage = UsageLog(settings.usage_dir or settings.store / ".usage", retention_days=settings.usage_retention_days)
+    folder = settings.usage_dir or settings.store / ".usage"
+    try:
+        usage = UsageLog(folder, retention_days=settings.usage_retention_days)
+    except OSError as e:  # a read-only store: serve, without usage (GET /v1/usage says why)
+        log.error("usage metering is off: cannot write %s: %s", folder, e)
+        return TenantGate(RateLimiter(), None, metrics)
     return TenantGate(RateLimiter(tokens_on_day=usage.tokens_on_day), usage, metrics)

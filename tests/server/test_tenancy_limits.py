@@ -177,3 +177,19 @@ def test_tenant_labels_are_capped_like_task_labels():
     assert 'promptserve_tenant_requests_total{tenant="a"} 2.0' in text
     assert f'promptserve_tenant_requests_total{{tenant="{OTHER_TENANTS}"}} 2.0' in text
     assert 'tenant="c"' not in text
+
+
+def test_an_unwritable_usage_folder_turns_metering_off_not_the_server(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from server.config import Settings
+    from server.tenancy.gate import tenant_gate
+    from server.tenancy.tenant_metrics import TenantMetrics
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    gate = tenant_gate(Settings(usage_dir=blocker / "usage"), TenantMetrics(CollectorRegistry(), 5))
+    assert gate.usage is None
+    grant = gate.admit(tenant(requests_per_minute=1), None, 3, 4)  # limits still hold
+    gate.not_queued(grant)
+    gate.refused("acme", None, "rate_limited")  # counted in metrics, nothing written
