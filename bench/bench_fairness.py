@@ -1,7 +1,8 @@
 """Noisy neighbour: tenant B's p99 latency while tenant A floods, fair share against first in, first out.
 
-    python bench/bench_fairness.py                              # about 8 minutes on 2 CPU cores
+    python bench/bench_fairness.py                              # about 6 minutes on 2 CPU cores
     python bench/bench_fairness.py --baseline-commit f77aaae    # also the commit before fair share
+    python bench/bench_fairness.py --a-spread 8                 # A's lengths vary: its rows free steadily
 
 Each server is a real `python -m server.cli serve` on loopback with the same model, flags and API keys
 (tenants A and B, weight 1 each), run one after the other:
@@ -10,7 +11,8 @@ Each server is a real `python -m server.cli serve` on loopback with the same mod
   baseline  --baseline-commit, checked out into a temporary git worktree (first in, first out by construction)
 Phases: the capacity C (completed requests/s, closed loop at twice the batch, on `fair`); then on each
 server, B sending at --b-share of C (open loop, Poisson): alone; beside A sending its fair share C/2 (the
-machine full, no flood); beside A flooding at --flood x its share. Prints B's p50/p99 and mean queue time
+machine full, no flood); beside A flooding at --flood x its share, from its own process through a lean
+client (flood_client.py; through httpx the flood's client took the server's CPU). Prints B's p50/p99 and mean queue time
 (from the server's /v1/usage) per phase, 429s, total generated tokens/s, and the ratios: B's p99 while A
 floods over B's p99 alone (target <= 1.5 with fair share) and over B's p99 beside A at its share (what the
 flood itself costs B), and fair throughput over FIFO's while A floods (target within 5 %).
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import multiprocessing
 import random
 import socket
@@ -65,7 +68,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--phase-s", type=float, default=40, help="seconds per phase (default 40)")
     p.add_argument("--flood", type=float, default=10, help="A's rate as a multiple of its fair share (default 10)")
     p.add_argument("--b-share", type=float, default=0.2, help="B's rate as a fraction of capacity (default 0.2)")
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=16, help="B's new tokens, and A's on average")
+    p.add_argument("--a-spread", type=int, default=0, help="A's new tokens uniform in new-tokens +- this (default "
+                   "0: all alike, so A's rows start and end in step: rows free in waves)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--queue", type=int, default=64)
     p.add_argument("--hidden", type=int, default=384)
@@ -166,19 +171,21 @@ async def phases(url: str, cap: float, args) -> dict:
 def a_load(url: str, rate: float, args, seed: float) -> Tally:
     """Tenant A's open loop, in a process of its own, through the lean flood client (its CPU is the server's)."""
     tally = Tally()
-    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": args.new_tokens, "ignore_eos": True}}
-    client = FloodClient(url, f"/tasks/{TASKS['A']}/generate", body, {"Authorization": f"Bearer {KEYS['A']}"})
+    lengths = range(args.new_tokens - args.a_spread, args.new_tokens + args.a_spread + 1)
+    bodies = [{"inputs": PROMPT, "parameters": {"max_new_tokens": n, "ignore_eos": True}} for n in lengths]
+    rng = random.Random(seed)
+    client = FloodClient(url, f"/tasks/{TASKS['A']}/generate", bodies, {"Authorization": f"Bearer {KEYS['A']}"}, rng)
 
-    def done(status: int, latency_s: float) -> None:
+    def done(status: int, body: bytes, latency_s: float) -> None:
         if status == 200:
             tally.latencies.append(latency_s)
-            tally.num_tokens += args.new_tokens
+            tally.num_tokens += json.loads(body)["details"]["generated_tokens"]
         elif status == 429:
             tally.num_429 += 1
         else:
             tally.num_errors += 1
 
-    asyncio.run(poisson_flood(client, rate, args.phase_s, random.Random(seed), done))
+    asyncio.run(poisson_flood(client, rate, args.phase_s, rng, done))
     return tally
 
 

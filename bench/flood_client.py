@@ -17,34 +17,38 @@ from urllib.parse import urlsplit
 
 
 class FloodClient:
-    """POSTs `body` (JSON) to `path` with `headers`; `send()` returns the status code, or 0 on failure."""
+    """POSTs one of `bodies` (JSON, picked at random) to `path` with `headers`; `send()` returns the status
+    code (0 on failure) and the response body."""
 
-    def __init__(self, url: str, path: str, body: dict, headers: dict[str, str]):
+    def __init__(self, url: str, path: str, bodies: list[dict], headers: dict[str, str], rng: random.Random):
         parts = urlsplit(url)
         self._host, self._port = parts.hostname, parts.port or 80
-        payload = json.dumps(body).encode()
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self._request = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(payload)}\r\n{head}\r\n").encode() + payload
+        self._requests = []
+        for body in bodies:
+            payload = json.dumps(body).encode()
+            self._requests.append((f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: "
+                                   f"application/json\r\nContent-Length: {len(payload)}\r\n{head}\r\n").encode() + payload)
+        self._rng = rng
         self._idle: deque = deque()
 
-    async def send(self) -> int:
+    async def send(self) -> tuple[int, bytes]:
         """One request on an idle connection (or a new one)."""
         reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self._host, self._port)
         try:
-            writer.write(self._request)
+            writer.write(self._rng.choice(self._requests))
             status_line = await reader.readline()
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == b"content-length":
                     length = int(value)
-            await reader.readexactly(length)
+            body = await reader.readexactly(length)
             self._idle.append((reader, writer))
-            return int(status_line.split()[1])
+            return int(status_line.split()[1]), body
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
             writer.close()
-            return 0
+            return 0, b""
 
     def close(self) -> None:
         """Close the idle connections."""
@@ -53,12 +57,12 @@ class FloodClient:
 
 
 async def poisson_flood(client: FloodClient, rate: float, seconds: float, rng: random.Random,
-                        on_done: Callable[[int, float], None]) -> None:
-    """Requests at Poisson arrivals of `rate` per second for `seconds`; `on_done(status, latency_s)`."""
+                        on_done: Callable[[int, bytes, float], None]) -> None:
+    """Requests at Poisson arrivals of `rate` per second for `seconds`; `on_done(status, body, latency_s)`."""
     async def one() -> None:
         t0 = time.perf_counter()
-        status = await client.send()
-        on_done(status, time.perf_counter() - t0)
+        status, body = await client.send()
+        on_done(status, body, time.perf_counter() - t0)
 
     tasks, end = [], time.perf_counter() + seconds
     while (now := time.perf_counter()) < end:
