@@ -76,11 +76,6 @@ class FairShare:
         total = weight + sum(t.weight for name, t in self._tenants.items() if t.waiting and name != tenant)
         return max_queue * weight / total
 
-    def waiting(self) -> Iterator[Queued]:
-        """Every waiting request (no particular order)."""
-        for tenant in self._tenants.values():
-            yield from tenant.waiting
-
     def remove_waiting(self, should_remove: Callable[[Queued], bool]) -> list[Queued]:
         """Take out the waiting requests `should_remove` picks (cancelled ones); returns them."""
         removed: list[Queued] = []

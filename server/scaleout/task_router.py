@@ -68,15 +68,16 @@ class TaskAffinityRouter(MultiplexMixin, RequestRouter):
             pending_request.routing_context.should_backoff = True  # every replica was a candidate
         task_id = pending_request.metadata.multiplexed_model_id if pending_request else ""
         holders = set(self._multiplexed_model_id_to_replica_ids.get(task_id, ())) if task_id else set()
-        if task_id in self._last_sent:
-            holders.add(self._last_sent[task_id])
         loads = {r.replica_id: self._num_ongoing[r.replica_id] for r in candidate_replicas}
-        return rank(task_id, candidate_replicas, holders, loads, self._imbalance)
+        return rank(task_id, candidate_replicas, holders, loads, self._imbalance, self._last_sent.get(task_id))
 
 
-def rank(task_id: str, replicas: list, holders: set, loads: dict, imbalance: int) -> list[list]:
+def rank(task_id: str, replicas: list, holders: set, loads: dict, imbalance: int,
+         last: ReplicaID | None = None) -> list[list]:
     """The policy above, on plain values: `replicas` have `.replica_id` (with `.unique_id`); `holders` are
-    the ids that hold the task, `loads` map ids to requests in flight."""
+    the ids that hold the task, `last` the one this router last sent it to, `loads` map ids to requests in
+    flight. The replica last sent the task comes before other holders: a task held by several (it moved
+    once) sticks to one of them rather than to whichever Ray finds less busy."""
     if task_id.startswith(TARGET_PREFIX):
         return [[r for r in replicas if r.replica_id.unique_id == task_id[len(TARGET_PREFIX):]]]
     least = min(loads[r.replica_id] for r in replicas)
@@ -85,9 +86,14 @@ def rank(task_id: str, replicas: list, holders: set, loads: dict, imbalance: int
     random.shuffle(least_loaded)  # Ray takes the first of equals: ties go anywhere, not always to one replica
     if not task_id:
         return [least_loaded, by_load]
-    preferred = [r for r in replicas if r.replica_id in holders] or [home(task_id, replicas)]
-    within = [r for r in preferred if loads[r.replica_id] <= least + imbalance]
-    return [within or least_loaded, by_load]
+    holding = [r for r in replicas if r.replica_id in holders or r.replica_id == last]
+    for preferred in ([r for r in holding if r.replica_id == last], holding, [home(task_id, replicas)]):
+        within = [r for r in preferred if loads[r.replica_id] <= least + imbalance]
+        if within:
+            return [within, by_load]
+        if preferred is holding and holding:
+            break  # every holder is over the imbalance: the least loaded take it, not the home
+    return [least_loaded, by_load]
 
 
 def home(task_id: str, replicas: list[RunningReplica]) -> RunningReplica:

@@ -95,3 +95,15 @@ def test_expositions_merge_into_one_labelled_by_replica():
             if s.name.endswith("_sum")}
     assert sums == {"r1": 0.2, "r2": 0.7}
     assert all("replica" in s.labels for f in families.values() for s in f.samples)
+
+
+def test_a_task_held_by_two_replicas_sticks_to_the_one_it_was_last_sent_to():
+    # Ray reports both as holders (the task moved once); Ray would take the less busy of a rank. The rank
+    # holds only the replica last sent the task while it is within the imbalance, then the other holders.
+    a, b = _replicas("a", "b")
+    loads = Counter({a.replica_id: 2, b.replica_id: 0})
+    ranks = rank("t", [a, b], {a.replica_id, b.replica_id}, loads, 2, last=a.replica_id)
+    assert ranks[0] == [a]
+    loads[a.replica_id] = 3  # over the imbalance: the other holder
+    assert rank("t", [a, b], {a.replica_id, b.replica_id}, loads, 2, last=a.replica_id)[0] == [b]
+    assert rank("t", [a, b], set(), Counter({a.replica_id: 0, b.replica_id: 0}), 2, last=b.replica_id)[0] == [b]
