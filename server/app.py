@@ -76,6 +76,7 @@ async def _load(app: FastAPI) -> None:
         seconds = await asyncio.to_thread(runtime.engine.warm_up)
         log.info("engine warm-up took %.1f s", seconds)
         app.state.training = await asyncio.to_thread(start_training, runtime)
+        await asyncio.to_thread(app.state.tenant_gate.read_usage)  # before /ready: later reads are only new lines
         runtime.engine.start()
     except Exception as e:
         log.exception("loading the model failed")

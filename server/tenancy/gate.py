@@ -83,6 +83,11 @@ class TenantGate:
         self.metrics.observe(grant.tenant, counts)
         self._record(grant.tenant, grant.task_id, counts)
 
+    def read_usage(self) -> None:
+        """Read the usage files written so far (at start, off the event loop: the daily quota reads them)."""
+        if self.usage is not None:
+            self.usage.rows(set(), 0, 0)
+
     def close(self) -> None:
         """Close the usage file (the server is stopping)."""
         if self.usage is not None:

@@ -71,7 +71,10 @@ class UsageLog:
         self._retention_days = retention_days
         self._clock = clock
         self._writer = writer or f"{re.sub(r'[^A-Za-z0-9_-]', '-', socket.gethostname())}-{os.getpid()}"
-        self._lock = threading.Lock()  # appends come from the event loop, queries from a thread
+        # Appends come from the event loop and only write; queries (from a thread) read every file: apart,
+        # so that a long first read after a restart never holds up an append.
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self._fd: int | None = None
         self._fd_day: str | None = None
         self._offsets: dict[str, int] = {}  # file name -> bytes read
@@ -83,7 +86,7 @@ class UsageLog:
         now = self._clock()
         line = json.dumps({"ts": round(now, 3), "tenant": tenant, "task": task, **asdict(counts)},
                           separators=(",", ":")) + "\n"
-        with self._lock:
+        with self._write_lock:
             try:
                 os.write(self._file_for(now), line.encode())
             except OSError as e:
@@ -93,7 +96,7 @@ class UsageLog:
         """Totals per (tenant, task, hour) for hours starting in [start rounded down to the hour, end);
         `tenants` None: every tenant."""
         first_hour = int(start // SECONDS_PER_HOUR) * SECONDS_PER_HOUR
-        with self._lock:
+        with self._read_lock:
             self._read_new()
             return [UsageRow(t, task, hour, Counts(**asdict(c))) for (t, task, hour), c in self._totals.items()
                     if (tenants is None or t in tenants) and first_hour <= hour < end]
@@ -105,7 +108,7 @@ class UsageLog:
 
     def close(self) -> None:
         """Close this process's file."""
-        with self._lock:
+        with self._write_lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
