@@ -78,7 +78,7 @@ async def _load(app: FastAPI) -> None:
         app.state.training = await asyncio.to_thread(start_training, runtime)
         await asyncio.to_thread(app.state.tenant_gate.read_usage)  # before /ready: later reads are only new lines
         runtime.engine.start()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - reported on /ready and in the log, then the server stops
         log.exception("loading the model failed")
         app.state.load_error = f"{type(e).__name__}: {e}"
         app.state.on_fatal()

@@ -102,7 +102,7 @@ class Engine:
         runner = self._worker.runner
         try:
             warm_up(runner)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - e.g. inductor found no C++ compiler
             if not runner.is_compiled:
                 raise
             runner.use_eager(repr(exc)[:300])

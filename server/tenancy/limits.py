@@ -17,7 +17,9 @@ class Limits(BaseModel):
     @property
     def is_unlimited(self) -> bool:
         """No limit set at all."""
-        return all(v is None for v in self.model_dump().values())
+        # Asked for every request: the fields themselves, not a model_dump.
+        return (self.requests_per_minute is None and self.tokens_per_minute is None and self.max_concurrent is None
+                and self.tokens_per_day is None)
 
 
 NO_LIMITS = Limits()
