@@ -29,12 +29,15 @@ TASKS = {"alpha": 3, "beta": 5, "gamma": 2, "delta": 4}
 BURST = {f"burst{i}": 2 for i in range(8)}
 TEXTS = ["The bread", "A long walk by the river", "Hi", "Once upon a time"]
 ADMIN, USER = "admin-key", "user-key"
+# Room for the killed replica's requests to run far longer than the other's: they must still hold its rows
+# when the test sees its queue (480 tokens took 2 s, and the queue once showed only after 1.4 s).
+MAX_POSITIONS, VICTIM_TOKENS, OTHER_TOKENS = 4096, 4000, 480
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, tmp_path_factory):
     """(base URL, model folder, adapters written by PEFT) of a 2-replica deployment; stopped at the end."""
-    model = tiny_model_dir("llama")
+    model = tiny_model_dir("llama", max_positions=MAX_POSITIONS)
     root = tmp_path_factory.mktemp("ray")
     adapters = write_peft_adapters(model, root / "store", {**TASKS, **BURST})
     keys = root / "keys.yaml"
@@ -45,6 +48,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--replicas", "2", "--replica-threads", "1",
          "--replica-num-cpus", "0.5", "--max-batch-size", "2", "--route-imbalance", "4",
+         "--max-new-tokens", str(VICTIM_TOKENS),
          "--host", "127.0.0.1", "--port", str(port), "--model", str(model),
          "--store", str(root / "store"), "--api-keys", str(keys), "--no-compile", "--log-level", "warning"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
@@ -254,12 +258,16 @@ def test_a_killed_replica_fails_only_its_own_requests(cluster):
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if "promptserve-engine" in a["name"] and a["name"].endswith(victim_id)]
         assert len(names) == 1, names
-        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 480, "ignore_eos_token": True}}
+        length = {victim_task: VICTIM_TOKENS, other_task: OTHER_TOKENS}
+
+        def body(task: str) -> dict:
+            return {"task_id": task, "inputs": "Once upon a time",
+                    "parameters": {"max_new_tokens": length[task], "ignore_eos_token": True}}
         started = {task: threading.Event() for task in (victim_task, other_task)}
 
         def stream(c: httpx.Client, task: str) -> list[dict]:
             events = []
-            with c.stream("POST", "/generate_stream", json={**body, "task_id": task}) as s:
+            with c.stream("POST", "/generate_stream", json=body(task)) as s:
                 for line in s.iter_lines():
                     if line.startswith("data:"):
                         events.append(json.loads(line[5:]))
@@ -269,7 +277,7 @@ def test_a_killed_replica_fails_only_its_own_requests(cluster):
         with _client(url) as c, concurrent.futures.ThreadPoolExecutor(8) as pool:
             plain, streams = {}, {}
             for task in (victim_task, other_task):  # one at a time, so that each stays on its replica
-                plain[task] = pool.submit(c.post, "/generate", json={**body, "task_id": task})
+                plain[task] = pool.submit(c.post, "/generate", json=body(task))
                 time.sleep(0.05)
             for task in (victim_task, other_task):
                 streams[task] = pool.submit(stream, c, task)
@@ -283,10 +291,10 @@ def test_a_killed_replica_fails_only_its_own_requests(cluster):
         reply, events = replies[victim_task]  # in flight on the killed replica
         assert_error(reply, 503, "unavailable")
         assert reply.headers["retry-after"] == "1"
-        assert events[-1].get("error_type") == "unavailable" and len(events) < 480
+        assert events[-1].get("error_type") == "unavailable" and len(events) < VICTIM_TOKENS
         reply, events = replies[other_task]
-        assert reply.status_code == 200 and reply.json()["details"]["generated_tokens"] == 480, reply.text
-        assert events[-1]["details"]["generated_tokens"] == 480
+        assert reply.status_code == 200 and reply.json()["details"]["generated_tokens"] == OTHER_TOKENS, reply.text
+        assert events[-1]["details"]["generated_tokens"] == OTHER_TOKENS
         for r in retried:
             assert r.status_code == 200 and r.json()["details"]["generated_tokens"] == 8, r.text
             assert r.headers["x-promptserve-attempts"] == "2"  # first sent to the killed replica
