@@ -152,6 +152,7 @@ def serving(args, loaded) -> None:
     runner = TrainingRunner(state, model=loaded.model, tokenizer=loaded.tokenizer, store=store, engine=engine,
                             task_type="CAUSAL_LM", **share)
     engine.set_side_work(runner)
+    runner.take_ownership()  # the only server on its folder (the server's JobWatcher does this)
     lines = "\n".join(json.dumps({"prompt": " ".join(TEXT.split()[i % 5:i % 5 + 5]), "completion": f" answer {i}"})
                       for i in range(64)).encode()
     file_id = state.add_file(lines, filename="train.jsonl", purpose="fine-tune", tenant="bench", num_examples=64)["id"]

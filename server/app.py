@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, *,
     app.state.is_draining = False  # set on SIGTERM: new requests get 503 while running ones finish
     app.state.load_error = None  # why the model could not be loaded, if it could not
     app.state.on_fatal = lambda: None  # the CLI sets this to stop uvicorn when loading fails
-    app.state.training = None  # (TrainingState, TrainingRunner) once the model is loaded
+    app.state.training = None  # server/training/service.py's Training once the model is loaded
     # The keys file is read now so that a bad file stops the server before the model loads.
     app.state.keyring = KeyRing.from_file(settings.api_keys) if settings.api_keys else None
     app.state.metrics = Metrics(max_task_labels=settings.metrics_max_tasks,
@@ -65,6 +65,8 @@ async def _lifespan(app: FastAPI):
         runtime, app.state.runtime = app.state.runtime, None  # new requests get 503 while others drain
         if runtime is not None:
             await _stop_engine(runtime.engine, app.state.settings.shutdown_grace_s)
+        if app.state.training is not None:  # after the engine: no training slice runs any more
+            await asyncio.to_thread(app.state.training.close)
         app.state.tenant_gate.close()  # after the engine: the last requests are metered
         log.info("stopped")
 

@@ -59,11 +59,10 @@ class JobCreate(BaseModel):
 
 
 def _training(request: Request):
+    """(state, runner) of this server; with a shared store, jobs made here may run on another server."""
     get_runtime(request)  # 503 while loading or draining
-    if request.app.state.training is None:
-        raise ApiError(501, "not_implemented", "training is not available on a shared store (--shared-store, "
-                                               "--replicas) yet: run it on a single server")
-    return request.app.state.training
+    training = request.app.state.training
+    return training.state, training.runner
 
 
 def _public(record: dict) -> dict:
@@ -76,7 +75,7 @@ def _owned(record: dict | None, tenant: Tenant, what: str, ident: str) -> dict:
     return record
 
 
-@router.post("/v1/files", responses=error_responses(400, 401, 413, 422, 501, 503))
+@router.post("/v1/files", responses=error_responses(400, 401, 413, 422, 503))
 async def upload_file(request: Request, purpose: str = Form(...), file: UploadFile = File(...),
                       runtime: Runtime = Depends(get_runtime), tenant: Tenant = Depends(get_tenant)) -> dict:
     """A JSONL training file; every line is checked now (422 naming the first bad line)."""
@@ -94,20 +93,20 @@ async def upload_file(request: Request, purpose: str = Form(...), file: UploadFi
     return _public(record)
 
 
-@router.get("/v1/files", responses=error_responses(401, 501, 503))
+@router.get("/v1/files", responses=error_responses(401, 503))
 async def list_files(request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
     state, _ = _training(request)
     files = await asyncio.to_thread(state.files)
     return {"object": "list", "data": [_public(f) for f in files if f["tenant"] == tenant.name]}
 
 
-@router.get("/v1/files/{file_id}", responses=error_responses(401, 404, 422, 501, 503))
+@router.get("/v1/files/{file_id}", responses=error_responses(401, 404, 422, 503))
 async def get_file(file_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
     state, _ = _training(request)
     return _public(_owned(_lookup(state.file, file_id), tenant, "file", file_id))
 
 
-@router.delete("/v1/files/{file_id}", responses=error_responses(401, 404, 422, 501, 503))
+@router.delete("/v1/files/{file_id}", responses=error_responses(401, 404, 422, 503))
 async def delete_file(file_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
     state, _ = _training(request)
     _owned(_lookup(state.file, file_id), tenant, "file", file_id)
@@ -115,7 +114,7 @@ async def delete_file(file_id: str, request: Request, tenant: Tenant = Depends(g
     return {"id": file_id, "object": "file", "deleted": True}
 
 
-@router.post("/v1/fine_tuning/jobs", responses=error_responses(400, 401, 403, 404, 413, 422, 429, 501, 503))
+@router.post("/v1/fine_tuning/jobs", responses=error_responses(400, 401, 403, 404, 413, 422, 429, 503))
 async def create_job(body: JobCreate, request: Request, runtime: Runtime = Depends(get_runtime),
                      tenant: Tenant = Depends(get_tenant)) -> dict:
     """Queue a job that trains `task_id` (created, or replaced by a new version when it succeeds)."""
@@ -139,13 +138,14 @@ async def create_job(body: JobCreate, request: Request, runtime: Runtime = Depen
     job = new_job(model=body.model, task_id=body.task_id, training_file=body.training_file,
                   validation_file=body.validation_file, hyperparameters=hyper,
                   prompt_tuning=body.prompt_tuning.model_dump(), seed=body.seed, tenant=tenant.name)
+    # The event before the record: the server that runs the job may be another one, and starts it on sight.
+    await asyncio.to_thread(state.add_event, job["id"], f"job queued: task {body.task_id!r}")
     await asyncio.to_thread(state.save_job, job)
-    state.add_event(job["id"], f"job queued: task {body.task_id!r}")
     runner.submit(job["id"])
     return _public(job)
 
 
-@router.get("/v1/fine_tuning/jobs", responses=error_responses(401, 422, 501, 503))
+@router.get("/v1/fine_tuning/jobs", responses=error_responses(401, 422, 503))
 async def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
                     tenant: Tenant = Depends(get_tenant)) -> dict:
     """Newest first, paged with `after` (a job id) and `limit`."""
@@ -157,7 +157,7 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = Que
     return {"object": "list", "data": [_public(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}", responses=error_responses(401, 404, 422, 501, 503))
+@router.get("/v1/fine_tuning/jobs/{job_id}", responses=error_responses(401, 404, 422, 503))
 async def get_job(job_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
     """The job, with its progress and losses as of the latest step."""
     state, runner = _training(request)
@@ -166,7 +166,7 @@ async def get_job(job_id: str, request: Request, tenant: Tenant = Depends(get_te
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=None,
-            responses=error_responses(401, 404, 422, 501, 503))
+            responses=error_responses(401, 404, 422, 503))
 async def job_events(job_id: str, request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=1000),
                      stream: bool = False, tenant: Tenant = Depends(get_tenant)) -> dict | StreamingResponse:
     """Newest first, as OpenAI lists them. With `stream=true`: server-sent events, oldest first, as they
@@ -182,14 +182,14 @@ async def job_events(job_id: str, request: Request, after: str | None = None, li
     return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
 
 
-@router.post("/v1/fine_tuning/jobs/{job_id}/cancel", responses=error_responses(401, 404, 409, 422, 501, 503))
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel", responses=error_responses(401, 404, 409, 422, 503))
 async def cancel_job(job_id: str, request: Request, tenant: Tenant = Depends(get_tenant)) -> dict:
     """The job stops before its next step; its task is left as it was."""
     state, runner = _training(request)
     job = _owned(_lookup(state.job, job_id), tenant, "fine-tuning job", job_id)
     if job["status"] not in ACTIVE_STATUSES:
         raise ApiError(409, "conflict", f"the job has already ended ({job['status']})")
-    runner.cancel(job_id)
+    await asyncio.to_thread(runner.cancel, job_id)
     return _public(job)
 
 

@@ -34,7 +34,6 @@ DESCRIPTIONS: dict[int, str] = {
     415: "Unsupported Content-Type.",
     422: "Invalid request: a field, a limit (input or new tokens), or a task that does not fit the model.",
     429: "Too many requests: retry after `Retry-After` seconds.",
-    501: "Not available on this server (for example, training on a shared store).",
     503: "Not ready: the model is loading, or the server is shutting down.",
 }
 

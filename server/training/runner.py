@@ -10,17 +10,20 @@ decode step, so every slice stalls the running rows once; the default (1 %) keep
 the inter-token p99. Serving comes first: under sustained load a job advances slowly, and at full speed
 whenever the server is idle.
 
-Every `checkpoint_every` steps the prompt and the optimizer state are saved; a job found running at
-start resumes from its checkpoint. The batch schedule is a function of (seed, epoch), so a resumed job
-takes the same batches it would have. On success the prompt is written to the store as a new version of
-the task (atomically; running requests finish on the old one) and the task's cached virtual-token KV is
-dropped.
+Only the server that owns the training folder runs its jobs (job_watcher.py: one server, or one of the
+replicas sharing a store). Every `checkpoint_every` steps the prompt and the optimizer state are saved,
+and the job's record at most every PROGRESS_SAVE_S (what the other servers show); a job found running
+when a server takes ownership (its own restart, or another server stopped) resumes from its checkpoint.
+The batch schedule is a function of (seed, epoch), so a resumed job takes the same batches it would
+have. On success the prompt is written to the store as a new version of the task (atomically; running
+requests finish on the old one) and the task's cached virtual-token KV is dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from server.training.state import ACTIVE_STATUSES, TrainingState
 log = logging.getLogger(__name__)
 DEFAULT_SHARE_UNDER_LOAD = 0.01
 IDLE_AFTER_S = 0.5  # no request for this long: the server is idle (a gap between requests is not)
+PROGRESS_SAVE_S = 1.0
 
 
 @dataclass
@@ -57,33 +61,64 @@ class TrainingRunner:
         self._store, self._engine, self._task_type = store, engine, task_type
         self._checkpoint_every = checkpoint_every
         self._share_under_load = share_under_load
+        self.is_owner = False  # set by take_ownership(): this server runs the folder's jobs
         self._queue: deque[str] = deque()
+        self._seen: set[str] = set()  # jobs read from disk (or submitted here): queued once, never again
+        self._seen_lock = threading.Lock()
         self._cancelled: set[str] = set()
         self._active: _Active | None = None
         self._next_step_at = 0.0
         self._last_busy = 0.0
-        for job in reversed(state.jobs()):  # oldest first: jobs a restart interrupted go on
-            if job["status"] in ACTIVE_STATUSES:
-                state.add_event(job["id"], "the server restarted: the job goes on from its last checkpoint")
-                self._queue.append(job["id"])
+        self._last_saved = 0.0
+
+    # ---- the job watcher's side (its thread) ----
+    def take_ownership(self) -> None:
+        """This server now runs the folder's jobs. A job left running (this server restarted, or the
+        server that ran it stopped) goes on from its last checkpoint; queued ones follow, oldest first."""
+        for job in reversed(self._state.jobs()):
+            if job["status"] == "running":
+                self._state.add_event(job["id"], "training restarted after its server stopped: the job goes "
+                                                 "on from its last checkpoint")
+        self.is_owner = True
+        self.adopt_from_disk()
+
+    def adopt_from_disk(self) -> None:
+        """Queue the jobs other servers wrote (oldest first), and take up the cancels asked for."""
+        fresh = []
+        with self._seen_lock:
+            for job_id in self._state.job_ids() - self._seen:
+                self._seen.add(job_id)
+                job = self._state.job(job_id)
+                if job is not None and job["status"] in ACTIVE_STATUSES:
+                    fresh.append(job)
+        self._queue.extend(j["id"] for j in sorted(fresh, key=lambda j: (j["created_at"], j["id"])))
+        self._cancelled |= self._state.cancel_requests()
+        self._engine.notify()
 
     # ---- the API's side (event loop) ----
     def submit(self, job_id: str) -> None:
-        self._queue.append(job_id)
-        self._engine.notify()
+        """A job just saved. Another server owning the folder finds it on disk (job_watcher.py)."""
+        if self.is_owner:
+            with self._seen_lock:
+                self._seen.add(job_id)
+            self._queue.append(job_id)
+            self._engine.notify()
 
     def cancel(self, job_id: str) -> None:
-        self._cancelled.add(job_id)
-        self._engine.notify()
+        self._state.request_cancel(job_id)  # for the owner, whichever server it is; it holds over a restart
+        if self.is_owner:
+            self._cancelled.add(job_id)
+            self._engine.notify()
 
     def live_view(self, job_id: str) -> dict | None:
-        """The running job as it is now (its record on disk is rewritten at checkpoints only)."""
+        """The running job as it is now, on the server that runs it (its record on disk is up to
+        PROGRESS_SAVE_S older)."""
         active = self._active
         return dict(active.job) if active is not None and active.job["id"] == job_id else None
 
     # ---- the engine's side ----
     def has_work(self) -> bool:
-        return self._active is not None or bool(self._queue)
+        return self.is_owner and (self._active is not None or bool(self._queue))
 
     def run_slice(self, is_serving: bool) -> None:
         if self._active is None and not self._start_next():
@@ -138,6 +173,8 @@ class TrainingRunner:
         checkpoint = self._state.checkpoint(job["id"])
         if checkpoint is not None:
             trainer.load_state_dict(checkpoint)
+            # The record may have been saved at later steps than the checkpoint: they are trained again.
+            job["trained_tokens"] = checkpoint.get("trained_tokens", job["trained_tokens"])
         job["status"] = "running"
         self._state.save_job(job)
         self._state.add_event(job["id"], f"training from step {trainer.num_steps}: {len(train)} examples, "
@@ -177,13 +214,20 @@ class TrainingRunner:
         if is_epoch_end and active.validation:
             job["valid_loss"] = active.trainer.evaluate(active.validation, active.hyper.batch_size)
         if is_epoch_end or step % self._checkpoint_every == 0:
-            self._state.save_checkpoint(job["id"], active.trainer.state_dict())
-            self._state.save_job(job)
+            self._state.save_checkpoint(job["id"], {**active.trainer.state_dict(),
+                                                    "trained_tokens": job["trained_tokens"]})
+            self._save_progress(job)
             self._state.add_event(job["id"], f"step {step}/{active.total_steps}: training loss {loss:.4f}"
                                   + (f", validation loss {job['valid_loss']:.4f}" if job.get("valid_loss") else ""),
                                   data={"step": step, "train_loss": loss, "valid_loss": job.get("valid_loss")})
+        elif time.monotonic() - self._last_saved >= PROGRESS_SAVE_S:
+            self._save_progress(job)
         if step >= active.total_steps:
             self._publish(active)
+
+    def _save_progress(self, job: dict) -> None:
+        self._state.save_job(job)
+        self._last_saved = time.monotonic()
 
     def _publish(self, active: _Active) -> None:
         job = active.job
@@ -201,6 +245,8 @@ class TrainingRunner:
         # The event first: whoever sees the job ended has every event of it (the SSE stream relies on it).
         self._state.add_event(job["id"], message, level="error" if status == "failed" else "info")
         self._state.save_job(job)
+        self._state.clear_cancel(job["id"])
+        self._cancelled.discard(job["id"])
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -2,8 +2,10 @@
 
 Layout under the training folder (default `<store>/.training`, which the store's listing never shows):
 `files/<id>.jsonl` + `files/<id>.json` (metadata), `jobs/<id>.json` (the job), `jobs/<id>.events.jsonl`
-(its events, appended), `jobs/<id>.ckpt` (prompt and optimizer state, every few steps). Every JSON write
-is a temporary file renamed into place: a crash leaves the old record or the new one, never half of one.
+(its events, appended), `jobs/<id>.ckpt` (prompt and optimizer state, every few steps), `jobs/<id>.cancel`
+(a cancel asked for, for whichever server runs the job), `owner.lock` (held by that server: owner_lock.py).
+Every JSON write is a temporary file renamed into place: a crash leaves the old record or the new one,
+never half of one. Several servers may share the folder: each event is one appended write.
 """
 
 from __future__ import annotations
@@ -66,12 +68,28 @@ class TrainingState:
         return sorted((r for p in (self.root / "jobs").glob("*.json") if (r := self._read_json(p))),
                       key=lambda r: (r["created_at"], r["id"]), reverse=True)
 
+    def job_ids(self) -> set[str]:
+        """Every job's id, without reading the records."""
+        return {p.stem for p in (self.root / "jobs").glob("*.json")}
+
+    def jobs_changed_at(self) -> int:
+        """When a job's record, checkpoint or cancel was last written, created or removed (the folder's
+        time stamp, in ns): a cheap way to see another server's writes."""
+        return (self.root / "jobs").stat().st_mtime_ns
+
     def add_event(self, job_id: str, message: str, *, level: str = "info", data: dict | None = None) -> dict:
         event = {"id": f"ftevent-{secrets.token_hex(8)}", "object": "fine_tuning.job.event",
                  "created_at": int(time.time()), "level": level, "message": message, "type": "message",
                  "data": data or {}}
-        with self._lock, open(self.root / "jobs" / f"{_safe(job_id)}.events.jsonl", "a") as f:
-            f.write(json.dumps(event) + "\n")
+        line = (json.dumps(event) + "\n").encode()
+        # One O_APPEND write: lines from several servers (shared store) never interleave.
+        fd = os.open(self.root / "jobs" / f"{_safe(job_id)}.events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                     0o644)
+        try:
+            with self._lock:
+                os.write(fd, line)
+        finally:
+            os.close(fd)
         return event
 
     def events(self, job_id: str) -> list[dict]:
@@ -80,6 +98,17 @@ class TrainingState:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def request_cancel(self, job_id: str) -> None:
+        """Ask whichever server runs the job to cancel it (it may be another one, on a shared store)."""
+        _write_atomic(self.root / "jobs" / f"{_safe(job_id)}.cancel", b"")
+
+    def cancel_requests(self) -> set[str]:
+        """Jobs a cancel was asked for and not yet carried out."""
+        return {p.name.removesuffix(".cancel") for p in (self.root / "jobs").glob("*.cancel")}
+
+    def clear_cancel(self, job_id: str) -> None:
+        (self.root / "jobs" / f"{_safe(job_id)}.cancel").unlink(missing_ok=True)
 
     def save_checkpoint(self, job_id: str, state: dict) -> None:
         tmp = self.root / "jobs" / f".{_safe(job_id)}.ckpt.tmp"

@@ -2,7 +2,8 @@
 tiny Llama, 1 torch thread each) on loopback. Mixed-task requests give PEFT's tokens through /generate,
 /generate_stream and /v1/completions; a task's requests land on one replica and several tasks use both;
 a burst of new tasks spreads over both; a task written or deleted through the endpoint is served correctly
-by every replica; API keys behave as in one process; /metrics gathers every replica's, labelled; a killed
+by every replica; a fine-tuning job made through the endpoint runs once and both replicas serve its task;
+API keys behave as in one process; /metrics gathers every replica's, labelled; a killed
 replica fails only the requests it had begun, and those it held in its queue are served by the other."""
 
 from __future__ import annotations
@@ -222,6 +223,35 @@ def test_writes_through_the_endpoint_reach_every_replica(cluster):
         assert c.delete("/v1/tasks/fresh").status_code == 204
         for r in _burst(c, "fresh"):
             assert_error(r, 404)
+
+
+def test_a_job_through_the_endpoint_trains_on_one_replica_and_both_serve_it(cluster):
+    """Upload and job go through the endpoint (any replica takes them); the replica holding the training
+    folder's lock runs the job once; the task it publishes is served by both replicas."""
+    import openai
+
+    url, _, _ = cluster
+    lines = "\n".join(json.dumps({"prompt": f"Question {i}: the river", "completion": " runs past the mill"})
+                      for i in range(8)).encode()
+    with _client(url) as c:
+        model = c.get("/ready").json()["model"]
+    with openai.OpenAI(base_url=url + "/v1", api_key=ADMIN, max_retries=0, timeout=60) as client:
+        uploaded = client.files.create(file=("train.jsonl", lines), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(training_file=uploaded.id, model=model,
+                                             hyperparameters={"n_epochs": 2, "batch_size": 4},
+                                             extra_body={"task_id": "trained", "prompt_tuning": {"num_virtual_tokens": 3}})
+        deadline = time.monotonic() + 120
+        while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+        assert job.status == "succeeded", job.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+        assert sum(m.startswith("training from step") for m in messages) == 1, messages  # run by one replica
+    with _client(url) as c:
+        version = c.get("/v1/tasks/trained").json()["version"]
+        replies = _burst(c, "trained")
+    assert {r.json()["details"]["task_version"] for r in replies} == {version}, [r.text for r in replies]
+    assert len({r.headers["x-promptserve-replica"] for r in replies}) == 2
 
 
 def test_api_keys_and_scopes_as_in_one_process(cluster):

@@ -142,14 +142,6 @@ def test_files_and_jobs_are_the_tenants_own(make_settings, tmp_path):
             assert _wait(a, job.id, {"succeeded", "failed"}).status == "succeeded"
 
 
-def test_training_is_refused_on_a_shared_store(make_settings, tmp_path):
-    with run_server(make_settings(store=tmp_path / "store", compile=False, shared_store=True)) as live:
-        with _client(live) as client:
-            with pytest.raises(openai.APIStatusError) as refused:
-                client.files.create(file=("t.jsonl", _jsonl(TRAIN)), purpose="fine-tune")
-    assert refused.value.status_code == 501
-
-
 def test_events_stream_as_sse_until_the_job_ends(live):
     with _client(live) as client:
         uploaded = client.files.create(file=("train.jsonl", _jsonl(TRAIN)), purpose="fine-tune")
