@@ -28,6 +28,18 @@ def _wait_for_step(client, job_id: str, step: int) -> None:
         time.sleep(0.1)
 
 
+def _wait_for_message_after(client, job_id: str, part: str) -> str:
+    """The job's first event after the first one containing `part`, once it is written."""
+    deadline = time.monotonic() + 60
+    while True:
+        messages = _messages(client, job_id)
+        found = [i for i, m in enumerate(messages) if part in m]
+        if found and found[0] + 1 < len(messages):
+            return messages[found[0] + 1]
+        assert time.monotonic() < deadline, messages
+        time.sleep(0.1)
+
+
 def test_a_job_made_on_either_server_runs_on_the_owner_and_both_serve_it(make_settings, tmp_path):
     def settings():
         return make_settings(store=tmp_path / "store", compile=False, shared_store=True)
@@ -86,10 +98,8 @@ def test_the_other_server_takes_the_jobs_over_when_the_owner_stops(make_settings
             while not _owner(other):
                 assert time.monotonic() < deadline, "the other server never took the jobs over"
                 time.sleep(0.1)
-            _wait_for_step(client, running.id, 13)  # it trains on here
-            messages = _messages(client, running.id)
-            resumed = messages[messages.index(next(m for m in messages if "restarted" in m)) + 1]
-            assert resumed.startswith("training from step") and resumed != "training from step 0", messages
+            resumed = _wait_for_message_after(client, running.id, "restarted")  # it trains on here
+            assert resumed.startswith("training from step") and resumed != "training from step 0", resumed
             client.fine_tuning.jobs.cancel(running.id)
             assert _wait(client, running.id, {"cancelled", "succeeded", "failed"}).status == "cancelled"
             done = _wait(client, queued.id, {"succeeded", "failed", "cancelled"})
