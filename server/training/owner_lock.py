@@ -19,10 +19,6 @@ class OwnerLock:
         self._path = Path(path)
         self._fd: int | None = None
 
-    @property
-    def is_held(self) -> bool:
-        return self._fd is not None
-
     def try_acquire(self) -> bool:
         """Take the lock if nobody holds it; never waits. True when this object holds it."""
         if self._fd is not None:

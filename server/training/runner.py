@@ -91,7 +91,7 @@ class TrainingRunner:
                 job = self._state.job(job_id)
                 if job is not None and job["status"] in ACTIVE_STATUSES:
                     fresh.append(job)
-        self._queue.extend(j["id"] for j in sorted(fresh, key=lambda j: (j["created_at"], j["id"])))
+            self._queue.extend(j["id"] for j in sorted(fresh, key=lambda j: (j["created_at"], j["id"])))
         self._cancelled |= self._state.cancel_requests()
         self._engine.notify()
 
@@ -100,8 +100,10 @@ class TrainingRunner:
         """A job just saved. Another server owning the folder finds it on disk (job_watcher.py)."""
         if self.is_owner:
             with self._seen_lock:
+                if job_id in self._seen:  # the watcher found it on disk first
+                    return
                 self._seen.add(job_id)
-            self._queue.append(job_id)
+                self._queue.append(job_id)
             self._engine.notify()
 
     def cancel(self, job_id: str) -> None:
