@@ -1,4 +1,6 @@
-"""Where a decode step's time goes: bench_peer's P1 or P2 in process (no HTTP), on bench_peer's model.
+"""Where a decode step's time goes: bench_peer's P1 or P2, or "soft prompts are free" (bench_engine's
+`--workload free` at 64 new tokens: `free`, and the same inputs on the bare model: `free-bare`), in process
+(no HTTP), on bench_peer's model.
 
 Each round submits the workload's requests together and prints tokens/s, the number of steps, the mean
 decode-only step and the time in steps that prefill; with --profile, torch.profiler's table of one
@@ -6,7 +8,8 @@ decode-only step of the last round with every request decoding (that one step, s
 is in the round's figures too). Tokens are random ids of the workload's lengths,
 tasks random prompts in a temporary store.
 
-Run: python bench/profile_step.py [--workload P1|P2] [--dtype float32|bfloat16] [--rounds 3] [--profile]
+Run: python bench/profile_step.py [--workload P1|P2|free|free-bare] [--dtype float32|bfloat16] [--rounds 3]
+     [--profile]
 """
 
 from __future__ import annotations
@@ -24,14 +27,19 @@ from pathlib import Path
 
 import peer_servers as ps
 import torch
-from bench_peer import WORKLOADS
+from bench_peer import WORKLOADS, Workload
 from torch.profiler import ProfilerActivity, profile
+
+
+# 16 requests of 16 tasks x 100 virtual tokens, 16-token inputs, 64 new; "bare": no task, the same inputs.
+FREE = {"free": Workload("free", 16, 16, 100, (16, 16), (64, 64)),
+        "free-bare": Workload("free-bare", 16, 0, 0, (16, 16), (64, 64))}
 
 
 def parse_args() -> argparse.Namespace:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", default="P1", choices=["P1", "P2"])
+    p.add_argument("--workload", default="P1", choices=["P1", "P2", *FREE])
     p.add_argument("--dtype", default="float32")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table of one decode step")
@@ -73,7 +81,7 @@ def main() -> None:
     from server.engine.types import SamplingParams
 
     args = parse_args()
-    w = next(w for w in WORKLOADS if w.name == args.workload)
+    w = FREE.get(args.workload) or next(w for w in WORKLOADS if w.name == args.workload)
     torch.set_grad_enabled(False)
     model_dir = ps.build_model_dir(args.model_dir or Path(tempfile.mkdtemp(prefix="profile-step-")) / "model")
     loaded = load_model(str(model_dir), "cpu", args.dtype)
@@ -92,7 +100,8 @@ def main() -> None:
         params = SamplingParams(max_new_tokens=w.new_range[1], ignore_eos=True)
         ids = [[rng.randrange(3, loaded.vocab_size) for _ in range(rng.randint(*w.input_range))]
                for _ in range(w.num_requests)]
-        streams = await asyncio.gather(*(engine.submit(x, task_id=tasks[i % len(tasks)], params=params)
+        streams = await asyncio.gather(*(engine.submit(x, task_id=tasks[i % len(tasks)] if tasks else None,
+                                                       params=params)
                                          for i, x in enumerate(ids)))
         return sum([(await s.result()).generated_tokens for s in streams])
 
