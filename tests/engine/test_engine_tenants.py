@@ -103,20 +103,20 @@ def test_token_shares_follow_weights_3_to_1(make_engine):
 
 def test_a_preempted_request_resumes_exactly(setup, make_engine):
     # A's long requests hold both slots; B's request takes one of their rows after 4 steps instead of
-    # waiting ~40. The preempted request recomputes its context when admitted again: every output is still
+    # waiting ~50 (A's rows run 64 tokens: B must arrive while they still hold both slots, on a slow CI too). The preempted request recomputes its context when admitted again: every output is still
     # PEFT's greedy output for that request alone.
     model_dir, _, _, adapters = setup
     engine = make_engine(max_batch_size=2, burst_wait_s=0, preempt_after_steps=4)
-    log = StepLog(engine, 40)
+    log = StepLog(engine, 64)
     texts = ["The bread", "Once upon a time there was a baker", "The river runs"]
 
     async def go():
-        flood = [await engine.submit(t, task_id="x", params=greedy(40), request_id=f"a{i}", share=Share("a"))
+        flood = [await engine.submit(t, task_id="x", params=greedy(64), request_id=f"a{i}", share=Share("a"))
                  for i, t in enumerate(texts)]
         while engine.stats().num_steps < 10:
             await asyncio.sleep(0.005)
-        submitted = engine.stats().num_steps
         b = await engine.submit("Hi", task_id="y", params=greedy(5), request_id="b0", share=Share("b"))
+        submitted = engine.stats().num_steps  # read once B is queued (steps before it are none of its wait)
         b_result = await b.result()
         return [await s.result() for s in flood], b_result, log.first_step["b0"] - submitted
 
@@ -125,7 +125,7 @@ def test_a_preempted_request_resumes_exactly(setup, make_engine):
     assert b_wait <= 4 + 2, b_wait
     referee = PeftReferee(model_dir, {"x": adapters["x"], "y": adapters["y"]})
     for text, result in zip(texts, flood):
-        assert result.token_ids == referee.run("x", text, 40)[0], text
+        assert result.token_ids == referee.run("x", text, 64)[0], text
     assert b_result.token_ids == referee.run("y", "Hi", 5)[0]
 
 
@@ -135,7 +135,7 @@ def test_a_preempted_seeded_sample_keeps_its_random_stream(make_engine):
     outputs = []
     for after in (0, 4):
         engine = make_engine(max_batch_size=2, burst_wait_s=0, preempt_after_steps=after)
-        params = SamplingParams(max_new_tokens=30, do_sample=True, temperature=1.0, seed=11, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=64, do_sample=True, temperature=1.0, seed=11, ignore_eos=True)
 
         async def go():
             flood = [await engine.submit(t, task_id="x", params=params, share=Share("a"))
