@@ -97,7 +97,8 @@ class TrainingState:
         path = self.root / "jobs" / f"{_safe(job_id)}.events.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        complete = path.read_text().split("\n")[:-1]  # a line another server is still writing has no "\n" yet
+        return [json.loads(line) for line in complete if line.strip()]
 
     def request_cancel(self, job_id: str) -> None:
         """Ask whichever server runs the job to cancel it (it may be another one, on a shared store)."""
