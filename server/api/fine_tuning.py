@@ -119,6 +119,9 @@ async def create_job(body: JobCreate, request: Request, runtime: Runtime = Depen
                      tenant: Tenant = Depends(get_tenant)) -> dict:
     """Queue a job that trains `task_id` (created, or replaced by a new version when it succeeds)."""
     state, runner = _training(request)
+    if (lock_error := request.app.state.training.watcher.lock_error) is not None:
+        raise ApiError(503, "unavailable", f"training jobs cannot run here: {lock_error}; mount the shared store "
+                                           "with file locking (NFSv4, or v3 with lockd)")
     if body.model != runtime.model_name:
         raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; it is {runtime.model_name!r}")
     check_task_id(body.task_id)

@@ -29,11 +29,13 @@ class JobWatcher:
         self._stop = threading.Event()
         self._jobs_changed_at: int | None = None
         self._num_polls = 0
+        # Why this server cannot take the lock at all (e.g. NFS mounted without locking); None when it can.
+        self.lock_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="promptserve-training-jobs", daemon=True)
 
     def start(self) -> None:
         """The first look happens now: a server alone on its folder owns the jobs before it is ready."""
-        self._poll()
+        self._poll_logged()
         self._thread.start()
 
     def close(self) -> None:
@@ -46,14 +48,25 @@ class JobWatcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self._poll_s):
-            try:
-                self._poll()
-            except Exception:  # noqa: BLE001 - e.g. the shared folder is briefly unreachable: try again
-                log.exception("watching the training jobs failed")
+            self._poll_logged()
+
+    def _poll_logged(self) -> None:
+        try:
+            self._poll()
+        except Exception:  # noqa: BLE001 - e.g. the shared folder is briefly unreachable: try again
+            log.exception("watching the training jobs failed")
 
     def _poll(self) -> None:
         if not self._runner.is_owner:
-            if not self._lock.try_acquire():
+            try:
+                is_taken = self._lock.try_acquire()
+            except OSError as exc:  # not "held by another": the file system cannot lock (it may later)
+                if self.lock_error is None:
+                    log.error("cannot lock %s, so this server runs no training jobs: %s", self._lock.path, exc)
+                self.lock_error = f"cannot lock {self._lock.path}: {exc}"
+                return
+            self.lock_error = None
+            if not is_taken:
                 return
             log.info("this server now runs the training jobs in %s", self._state.root)
             self._jobs_changed_at = self._state.jobs_changed_at()

@@ -16,19 +16,23 @@ from pathlib import Path
 
 class OwnerLock:
     def __init__(self, path: Path):
-        self._path = Path(path)
+        self.path = Path(path)
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
-        """Take the lock if nobody holds it; never waits. True when this object holds it."""
+        """Take the lock if nobody holds it; never waits. True when this object holds it, False when
+        another does; OSError when the file system cannot lock (NFS mounted without locking: ENOLCK)."""
         if self._fd is not None:
             return True
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
+        except OSError:
+            os.close(fd)
+            raise
         self._fd = fd
         return True
 

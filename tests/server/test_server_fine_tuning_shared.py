@@ -6,7 +6,12 @@ stops, the other takes its jobs over and resumes the running one from its checkp
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import time
+
+import openai
+import pytest
 
 from live_server_util import run_server
 from test_server_fine_tuning import TRAIN, _client, _jsonl, _wait
@@ -105,3 +110,18 @@ def test_the_other_server_takes_the_jobs_over_when_the_owner_stops(make_settings
             done = _wait(client, queued.id, {"succeeded", "failed", "cancelled"})
             assert done.status == "succeeded", done.error  # the queued job was taken over too
             assert _messages(client, queued.id)[-1].startswith("published task 'after'")
+
+
+def test_a_store_that_cannot_lock_refuses_jobs_saying_why(make_settings, tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # as on NFS mounted without locking
+    with run_server(make_settings(store=tmp_path / "store", compile=False, shared_store=True)) as live, \
+            _client(live) as client:
+        uploaded = client.files.create(file=("train.jsonl", _jsonl(TRAIN)), purpose="fine-tune")
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.fine_tuning.jobs.create(training_file=uploaded.id, model="tiny", extra_body={"task_id": "t"})
+    assert refused.value.status_code == 503
+    assert "No locks available" in refused.value.response.json()["error"]
+    assert "file locking" in refused.value.response.json()["error"]

@@ -45,3 +45,39 @@ def test_a_killed_holder_in_another_process_lets_go(tmp_path):
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+class _Runner:
+    """What JobWatcher asks of the runner."""
+
+    def __init__(self):
+        self.is_owner = False
+
+    def take_ownership(self):
+        self.is_owner = True
+
+
+def test_a_file_system_that_cannot_lock_is_reported_not_raised(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from server.training.job_watcher import JobWatcher
+    from server.training.state import TrainingState
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    state, runner = TrainingState(tmp_path), _Runner()
+    watcher = JobWatcher(state, runner, poll_s=0.05)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    watcher.start()  # the server still starts
+    try:
+        assert not runner.is_owner and "No locks available" in watcher.lock_error
+        monkeypatch.undo()  # locking works again (lockd came up): the next poll takes the lock
+        deadline = time.monotonic() + 10
+        while not runner.is_owner:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert watcher.lock_error is None
+    finally:
+        watcher.close()
