@@ -63,7 +63,8 @@ class JobWatcher:
             except OSError as exc:  # not "held by another": the file system cannot lock (it may later)
                 if self.lock_error is None:
                     log.error("cannot lock %s, so this server runs no training jobs: %s", self._lock.path, exc)
-                self.lock_error = f"cannot lock {self._lock.path}: {exc}"
+                # Without the path: clients read it.
+                self.lock_error = f"the training folder's file system cannot lock ({exc})"
                 return
             self.lock_error = None
             if not is_taken:
