@@ -39,7 +39,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flood_client import FloodClient, poisson_flood
+from flood_client import FloodClient, poisson_arrivals, poisson_flood
 
 KEYS = {"A": "noisy-key-0001", "B": "steady-key-001"}
 TASKS = {"A": "task-a", "B": "task-b"}  # each tenant its own prompt-tuned task (8 virtual tokens)
@@ -126,11 +126,7 @@ async def one(client: httpx.AsyncClient, tenant: str, new_tokens: int, tally: Ta
 
 async def open_loop(client, tenant: str, rate: float, seconds: float, args, tally: Tally, rng: random.Random):
     """Poisson arrivals at `rate` per second for `seconds`; waits for every request sent."""
-    tasks, end = [], time.perf_counter() + seconds
-    while (now := time.perf_counter()) < end:
-        tasks.append(asyncio.create_task(one(client, tenant, args.new_tokens, tally)))
-        await asyncio.sleep(max(0.0, rng.expovariate(rate) - (time.perf_counter() - now)))
-    await asyncio.gather(*tasks)
+    await poisson_arrivals(rate, seconds, rng, lambda: one(client, tenant, args.new_tokens, tally))
 
 
 async def capacity(url: str, args) -> float:

@@ -12,7 +12,7 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from urllib.parse import urlsplit
 
 
@@ -56,6 +56,16 @@ class FloodClient:
             self._idle.pop()[1].close()
 
 
+async def poisson_arrivals(rate: float, seconds: float, rng: random.Random,
+                           start_one: Callable[[], Coroutine]) -> None:
+    """`start_one()` at Poisson arrivals of `rate` per second for `seconds`; waits for every one started."""
+    tasks, end = [], time.perf_counter() + seconds
+    while (now := time.perf_counter()) < end:
+        tasks.append(asyncio.create_task(start_one()))
+        await asyncio.sleep(max(0.0, rng.expovariate(rate) - (time.perf_counter() - now)))
+    await asyncio.gather(*tasks)
+
+
 async def poisson_flood(client: FloodClient, rate: float, seconds: float, rng: random.Random,
                         on_done: Callable[[int, bytes, float], None]) -> None:
     """Requests at Poisson arrivals of `rate` per second for `seconds`; `on_done(status, body, latency_s)`."""
@@ -64,9 +74,5 @@ async def poisson_flood(client: FloodClient, rate: float, seconds: float, rng: r
         status, body = await client.send()
         on_done(status, body, time.perf_counter() - t0)
 
-    tasks, end = [], time.perf_counter() + seconds
-    while (now := time.perf_counter()) < end:
-        tasks.append(asyncio.create_task(one()))
-        await asyncio.sleep(max(0.0, rng.expovariate(rate) - (time.perf_counter() - now)))
-    await asyncio.gather(*tasks)
+    await poisson_arrivals(rate, seconds, rng, one)
     client.close()

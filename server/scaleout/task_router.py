@@ -87,12 +87,12 @@ def rank(task_id: str, replicas: list, holders: set, loads: dict, imbalance: int
     if not task_id:
         return [least_loaded, by_load]
     holding = [r for r in replicas if r.replica_id in holders or r.replica_id == last]
-    for preferred in ([r for r in holding if r.replica_id == last], holding, [home(task_id, replicas)]):
+    # Holders over the imbalance send the task to the least loaded, not to its home.
+    choices = ([r for r in holding if r.replica_id == last], holding) if holding else ([home(task_id, replicas)],)
+    for preferred in choices:
         within = [r for r in preferred if loads[r.replica_id] <= least + imbalance]
         if within:
             return [within, by_load]
-        if preferred is holding and holding:
-            break  # every holder is over the imbalance: the least loaded take it, not the home
     return [least_loaded, by_load]
 
 

@@ -86,7 +86,7 @@ class TenantGate:
     def read_usage(self) -> None:
         """Read the usage files written so far (at start, off the event loop: the daily quota reads them)."""
         if self.usage is not None:
-            self.usage.rows(set(), 0, 0)
+            self.usage.read_new()
 
     def close(self) -> None:
         """Close the usage file (the server is stopping)."""

@@ -92,6 +92,11 @@ class UsageLog:
             except OSError as e:
                 log.error("usage: cannot write %s: %s", self.folder, e)
 
+    def read_new(self) -> None:
+        """Take in every writer's lines written since the last read (queries do this first)."""
+        with self._read_lock:
+            self._read_new()
+
     def rows(self, tenants: set[str] | None, start: float, end: float) -> list[UsageRow]:
         """Totals per (tenant, task, hour) for hours starting in [start rounded down to the hour, end);
         `tenants` None: every tenant."""
