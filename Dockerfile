@@ -6,6 +6,12 @@
 #
 # Everything after the image name is passed to `promptserve serve` (the image's entrypoint); settings
 # can also be given as PROMPTSERVE_* environment variables (-e).
+#
+# The server listens on 0.0.0.0 in the container. Without API keys, whoever reaches the port may create,
+# replace and delete every task, run training jobs and read all usage (the server logs a SECURITY warning
+# at start). Anywhere but your own machine, give it a keys file (docs/security.md):
+#   docker run -p 8000:8000 -v "$PWD/prompts:/prompts" -v "$PWD/keys.yaml:/etc/promptserve/keys.yaml:ro" \
+#     promptserve --api-keys /etc/promptserve/keys.yaml
 # Build args:
 #   BASE_IMAGE         any Debian/Ubuntu-like image; Python 3.10+ is installed with apt when it lacks one
 #   TORCH_REQUIREMENT  the torch to install first (a version range, or "torch @ <wheel URL>")

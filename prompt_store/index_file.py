@@ -9,6 +9,7 @@ sub-folder so that saving it never changes the root folder's mtime, which task_l
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -45,6 +46,8 @@ def load_index(root_real: str, limits: Limits) -> Known:
         known: Known = {}
         for task_id, (ci, cs, cm, wi, ws, wm, name, version, n, task_type, size, created, modified) in \
                 data["tasks"].items():
+            if not math.isfinite(created) or not math.isfinite(modified):
+                continue  # an entry of an older version that trusted a header's time: read again
             signature = Signature(FileStamp(ci, cs, cm), FileStamp(wi, ws, wm), name)
             known[task_id] = (signature, TaskInfo(task_id, version, n, task_type, size, created, modified))
         return known

@@ -11,6 +11,7 @@ written by PEFT is hashed in full once. What is known is saved now and then to `
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -49,7 +50,7 @@ def metadata_from_bytes(data: bytes) -> dict:
         if size > _MAX_HEADER_BYTES:
             return {}
         header = json.loads(data[8:8 + size])
-    except (ValueError, struct.error):
+    except (ValueError, struct.error, RecursionError):
         return {}
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     shape = header.get(WEIGHTS_KEY, {}).get("shape") if isinstance(header, dict) else None
@@ -176,7 +177,9 @@ def make_info(task_id: str, signature: Signature, version: str, task_type: str, 
     modified = _modified(signature)
     try:
         created = float(meta.get(CREATED_META_KEY, ""))
-    except ValueError:
+    except (ValueError, TypeError):
+        created = math.nan
+    if not 0 <= created:  # NaN too: a header the store did not write (the store rewrites uploaded ones)
         created = min(signature.config.mtime_ns, signature.weights.mtime_ns) / 1e9
     size = signature.config.size + signature.weights.size
     created = min(created, modified)  # file times can be coarser than the clock that stamped `created`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,7 +74,7 @@ def parse_config(task_id: str, data: bytes, limits: Limits) -> AdapterConfig:
         raise _bad(task_id, CONFIG_NAME, f"file is {len(data)} bytes, more than the limit {MAX_CONFIG_BYTES}")
     try:
         raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise _bad(task_id, CONFIG_NAME, f"not valid JSON ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise _bad(task_id, CONFIG_NAME, "not a JSON object")
@@ -183,3 +184,16 @@ def build_weights(embeddings: torch.Tensor, version: str, created: float) -> byt
     metadata = {"format": "pt", VERSION_META_KEY: version, CREATED_META_KEY: repr(created)}
     return safetensors_save({WEIGHTS_KEY: tensor}, metadata=metadata)
 
+
+
+def stamp_weights(data: bytes, version: str, created: float) -> bytes:
+    """Checked safetensors bytes with the store's version and creation time in the header, whatever the uploader
+    wrote there: the listing reads them back without hashing, so only the store may write them. The tensor bytes
+    are untouched (their offsets count from the header's end)."""
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    meta = {k: v for k, v in (header.get("__metadata__") or {}).items() if not k.startswith("promptserve_")}
+    header["__metadata__"] = {**meta, VERSION_META_KEY: version, CREATED_META_KEY: repr(created)}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    return struct.pack("<Q", len(text)) + text + data[8 + size:]

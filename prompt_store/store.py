@@ -20,7 +20,7 @@ from prompt_store.folder_io import Signature, read_folder, recover, remove_folde
 from prompt_store.listing import TaskIndex, make_info, metadata_from_bytes
 from prompt_store.peft_format import (
     CONFIG_NAME, MAX_CONFIG_BYTES, SAFETENSORS_NAME, WEIGHTS_NAMES, Limits, all_finite, build_config, build_weights,
-    check_fits, misfit_reason, parse_config, parse_weights, version_of,
+    check_fits, misfit_reason, parse_config, parse_weights, stamp_weights, version_of,
 )
 from prompt_store.soft_prompt import CAUSAL_LM, TASK_TYPES, SoftPrompt
 from prompt_store.task_ids import check_task_id
@@ -138,8 +138,11 @@ class PromptStore:
         config = parse_config(task_id, bytes(config_bytes), self.limits)
         check_fits(task_id, CONFIG_NAME, config.task_type, self.task_types)
         served = parse_weights(task_id, weights_filename, bytes(weights_bytes), config, self.limits)
+        version = version_of(served)
+        if weights_filename == SAFETENSORS_NAME:  # the header's version and time are the store's, never the upload's
+            weights_bytes = stamp_weights(bytes(weights_bytes), version, self._created(task_id))
         files = {CONFIG_NAME: bytes(config_bytes), weights_filename: bytes(weights_bytes)}
-        return self._commit(task_id, files, served, version_of(served), config.task_type)
+        return self._commit(task_id, files, served, version, config.task_type)
 
     def import_folder(self, task_id: str, folder: str | os.PathLike) -> SoftPrompt:
         """Copy a folder written by `PeftModel.save_pretrained` into the store under `task_id`."""

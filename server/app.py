@@ -11,10 +11,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import fine_tuning, generate, openai, ops, tasks, usage
+from server.api import files, fine_tuning, generate, openai, ops, tasks, usage
 from server.auth import KeyRing
+from server.auth_first import AuthFirstMiddleware
 from server.config import Settings
 from server.errors import install_error_handlers
+from server.exposure import warn_if_open
 from server.metrics import Metrics
 from server.middleware import AccessLogMiddleware, BodyLimitMiddleware
 from server.runtime import Runtime, build_runtime
@@ -45,15 +47,18 @@ def create_app(settings: Settings | None = None, *,
                                 max_tenant_labels=settings.metrics_max_tenants)
     app.state.tenant_gate = tenant_gate(settings, app.state.metrics.tenants)
     install_error_handlers(app)
-    for router in (ops.router, generate.router, openai.router, tasks.router, fine_tuning.router, usage.router):
+    for router in (ops.router, generate.router, openai.router, tasks.router, files.router, fine_tuning.router,
+                   usage.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
+    app.add_middleware(AuthFirstMiddleware, keyring_of=lambda: app.state.keyring)  # before any body is read
     app.add_middleware(AccessLogMiddleware, on_finish=app.state.metrics.observe_http)  # outermost
     return app
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
+    warn_if_open(app.state.settings.host, has_keys=app.state.keyring is not None)
     # The model loads in the background so /health answers at once and /ready says when it is done.
     loading = asyncio.create_task(_load(app))
     try:

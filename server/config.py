@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     usage_dir: Path | None = Field(None, description="Where per-request usage is appended, a file a day "
                                    "(default: <store>/.usage)")
     usage_retention_days: int = Field(90, ge=1, description="Days of usage files kept")
+    usage_max_tasks_per_hour: int = Field(1000, ge=1, description="Tasks with their own usage totals per tenant "
+                                          "and hour; the rest are summed as '__other__' (bounds the memory a "
+                                          "client's made-up task ids can take)")
     shutdown_grace_s: float = Field(10.0, ge=0, description="Seconds in-flight requests get at shutdown")
     # Longer than clients' pool expiry (httpx 5 s, aiohttp 15 s, load balancers 60 s): with uvicorn's 5 s a
     # client could reuse a connection the server was closing, and the request died with a reset.
@@ -103,6 +106,13 @@ class Settings(BaseSettings):
     training_max_tokens_per_example: int = Field(2048, ge=1, description="Most tokens in one training example")
     training_max_steps: int = Field(20_000, ge=1, description="Most optimizer steps a job may take")
     training_max_jobs_per_tenant: int = Field(2, ge=1, description="Jobs a tenant may have queued or running")
+    training_max_job_s: float = Field(24 * 3600.0, gt=0, description="Most wall-clock seconds a job may train "
+                                      "(from its start, restarts included); then it fails")
+    training_max_files_per_tenant: int = Field(100, ge=1, description="Training files a tenant may keep")
+    training_max_bytes_per_tenant: int = Field(1 << 30, ge=1, description="Bytes of training files a tenant may "
+                                               "keep")
+    training_file_ttl_s: float = Field(30 * 86_400.0, gt=0, description="Seconds an uploaded training file is "
+                                       "kept (OpenAI's expires_at); then it is deleted")
     training_share_under_load: float = Field(0.01, gt=0, le=1, description="Most of the time training may take "
                                              "while requests are running (all of it when the server is idle)")
     # Scale-out on Ray Serve (extra `promptserve[ray]`); 0 replicas: one process, no Ray.

@@ -6,6 +6,7 @@ Body: `{"error": "<message>", "error_type": "<type>"}`. The types of TGI ("valid
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -66,6 +67,9 @@ _SPECS: tuple[tuple[type[BaseException], ErrorSpec], ...] = (
     (ForbiddenError, ErrorSpec(403, "forbidden")),
 )
 
+# A full or read-only disk is the server's state, not a bug: 503, and the writer left nothing half-written.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
 _HTTP_TYPES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
                415: "unsupported_media_type"}
 
@@ -94,6 +98,9 @@ def describe(exc: BaseException) -> ErrorBody:
     for cls, spec in _SPECS:
         if isinstance(exc, cls):
             return ErrorBody(spec.status, spec.error_type, str(exc) or cls.__name__)
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:  # without the path: the log has it
+        return ErrorBody(503, "storage_unavailable", f"the server cannot write its storage "
+                         f"({errno.errorcode.get(exc.errno, exc.errno)}: disk full or read-only); nothing was saved")
     return ErrorBody(500, "internal", "internal server error")
 
 
@@ -127,6 +134,8 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
     body = describe(exc)
+    if body.error_type == "storage_unavailable":
+        log.error("cannot write: %s", exc)
     if body.status >= 500 and body.error_type == "internal":
         log.exception("unhandled error", extra={"request_id": getattr(request.state, "request_id", None)},
                       exc_info=exc)

@@ -11,7 +11,7 @@ from fastapi import Request
 
 from server.api.deps import check_use, get_runtime
 from server.auth import Tenant
-from server.engine.errors import QueueFull
+from server.engine.errors import InputTooLong, QueueFull
 from server.engine.types import GenerationResult, SamplingParams, Share, TokenEvent
 from server.errors import ApiError
 from server.tenancy.gate import TenantGate
@@ -87,6 +87,9 @@ async def submit(request: Request, tenant: Tenant, call: GenerationCall) -> Gene
     check_use(request, tenant, call.task_id)
     runtime = get_runtime(request)
     gate: TenantGate = request.app.state.tenant_gate
+    limit = runtime.engine.config.max_new_tokens
+    if call.params.max_new_tokens > limit:  # before the limiter reserves tokens for it
+        raise InputTooLong(f"max_new_tokens {call.params.max_new_tokens} exceeds the limit {limit}")
     ids = runtime.engine.tokenize(call.inputs)
     grant = gate.admit(tenant, call.task_id, len(ids), call.params.max_new_tokens)
     request.state.ratelimit_headers = grant.headers

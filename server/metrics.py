@@ -87,10 +87,13 @@ class Metrics:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
 
-    def render_for(self, may_see_task: Callable[[str], bool], may_see_tenant: Callable[[str], bool]) -> bytes:
-        """`render()` without the samples labelled with tasks or tenants the caller may not see."""
+    def render_for(self, may_see_task: Callable[[str], bool], may_see_tenant: Callable[[str], bool],
+                   is_operator: bool = True) -> bytes:
+        """`render()` without the samples labelled with tasks or tenants the caller may not see. The series of
+        the whole server (queues, HTTP counts, the store) are an operator's: one tenant's admin key does not
+        learn from them how busy the other tenants keep the server."""
         lines = self.render().decode().splitlines(keepends=True)
-        kept = [line for line in lines if _visible(line, may_see_task, may_see_tenant)]
+        kept = [line for line in lines if _visible(line, may_see_task, may_see_tenant, is_operator)]
         return "".join(kept).encode()
 
 
@@ -98,10 +101,15 @@ _TASK_LABEL = re.compile(r'[{,]task="([^"]*)"')
 _TENANT_LABEL = re.compile(r'[{,]tenant="([^"]*)"')
 
 
-def _visible(line: str, may_see_task: Callable[[str], bool], may_see_tenant: Callable[[str], bool]) -> bool:
+def _visible(line: str, may_see_task: Callable[[str], bool], may_see_tenant: Callable[[str], bool],
+             is_operator: bool) -> bool:
     if line.startswith("#"):
         return True
     task, tenant = _TASK_LABEL.search(line), _TENANT_LABEL.search(line)
+    if task is None and tenant is None:
+        return is_operator
+    if task is not None and task.group(1) in (OTHER_TASKS, BASE_MODEL) and not is_operator:
+        return False  # summed over many tenants' requests
     if task is not None and task.group(1) not in (OTHER_TASKS, BASE_MODEL) and not may_see_task(task.group(1)):
         return False
     return tenant is None or may_see_tenant(tenant.group(1))

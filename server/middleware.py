@@ -17,6 +17,7 @@ from server.errors import BodyTooLarge, error_response
 
 access_log = logging.getLogger("promptserve.access")
 
+MAX_LOGGED_PATH = 256  # a path is the client's: a megabyte of it is not written to the log
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -57,7 +58,7 @@ class AccessLogMiddleware:
             self.on_finish(template, scope["method"], status)
         # Only the path: never headers (keys) or query strings. Bodies are never logged.
         record = {
-            "request_id": state.get("request_id"), "method": scope["method"], "path": scope["path"],
+            "request_id": state.get("request_id"), "method": scope["method"], "path": scope["path"][:MAX_LOGGED_PATH],
             "status": status, "duration_ms": round(elapsed_s * 1000, 2), "tenant": state.get("tenant"),
             "task_id": state.get("task_id"), "client": (scope.get("client") or ("", 0))[0],
         }

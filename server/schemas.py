@@ -11,6 +11,11 @@ MAX_STOP_SEQUENCES = 16
 # in the model step (found by schemathesis: temperature 5e-324 gave a 500); refuse them up front instead.
 MIN_TEMPERATURE = MIN_TOP_P = 1e-3
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-3, 1e3
+# Type bounds only (the server's own limits, --max-new-tokens and --max-virtual-tokens, are checked next, before
+# anything is reserved or allocated): a 400-digit integer is refused by the schema, never reaches float math.
+MAX_NEW_TOKENS_FIELD = 2**31 - 1
+MAX_VIRTUAL_TOKENS_FIELD = 1 << 16
+MAX_INIT_TEXT_CHARS = 10_000
 
 
 class _Lenient(BaseModel):
@@ -25,7 +30,7 @@ class GenerateParameters(_Lenient):
     adapter_source: str | None = None  # LoRAX: where to fetch the adapter; here tasks live in the store
     api_token: str | None = Field(None, repr=False)
     do_sample: bool = False
-    max_new_tokens: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_FIELD)
     ignore_eos_token: bool = False
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     frequency_penalty: float | None = None
@@ -145,7 +150,7 @@ class StreamEvent(BaseModel):
 
 class _OpenAIBase(_Lenient):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_FIELD)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
     n: int = Field(1, ge=1, le=1)
@@ -206,7 +211,7 @@ class ChatRequest(_OpenAIBase):
     """Body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_FIELD)
     logprobs: Literal[False] | None = None  # not supported: refused rather than ignored
 
     def new_tokens(self) -> int | None:
@@ -221,8 +226,8 @@ class TaskInit(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     init: Literal["text", "random", "sample_vocab"]
-    num_virtual_tokens: int = Field(ge=1)
-    text: str | None = None
+    num_virtual_tokens: int = Field(ge=1, le=MAX_VIRTUAL_TOKENS_FIELD)
+    text: str | None = Field(None, max_length=MAX_INIT_TEXT_CHARS)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")

@@ -62,7 +62,9 @@ async def put_task(task_id: str, request: Request, runtime: Runtime = Depends(ge
     if content_type.startswith("multipart/form-data"):
         await _upload(request, runtime, task_id)
     elif content_type.startswith("application/json"):
-        await asyncio.to_thread(_init, runtime, task_id, _parse_init(await request.body()))
+        spec = _parse_init(await request.body())
+        _check_size(runtime, spec)  # before anything is allocated for it
+        await asyncio.to_thread(_init, runtime, task_id, spec)
     else:
         raise ApiError(415, "unsupported_media_type",
                        "send multipart/form-data (fields 'config', 'weights') or application/json")
@@ -95,6 +97,13 @@ def _parse_init(body: bytes) -> TaskInit:
         return TaskInit.model_validate_json(body)
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
+
+
+def _check_size(runtime: Runtime, spec: TaskInit) -> None:
+    limit = runtime.store.limits.max_virtual_tokens
+    if spec.num_virtual_tokens > limit:
+        raise ApiError(422, "validation", f"num_virtual_tokens {spec.num_virtual_tokens} is more than this server's "
+                                          f"limit of {limit} (--max-virtual-tokens)")
 
 
 def _init(runtime: Runtime, task_id: str, spec: TaskInit) -> None:

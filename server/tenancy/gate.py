@@ -102,7 +102,8 @@ def tenant_gate(settings: Settings, metrics: TenantMetrics) -> TenantGate:
     """The gate of one app: usage under --usage-dir (default <store>/.usage), limits from the keys file."""
     folder = settings.usage_dir or settings.store / ".usage"
     try:
-        usage = UsageLog(folder, retention_days=settings.usage_retention_days)
+        usage = UsageLog(folder, retention_days=settings.usage_retention_days,
+                         max_tasks_per_hour=settings.usage_max_tasks_per_hour)
     except OSError as e:  # a read-only store: serve, without usage (GET /v1/usage says why)
         log.error("usage metering is off: cannot write %s: %s", folder, e)
         return TenantGate(RateLimiter(), None, metrics)

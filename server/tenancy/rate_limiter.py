@@ -98,10 +98,10 @@ class RateLimiter:
         now = self._clock()
         state = self._state(tenant, now)
         self._check(tenant.name, state, num_tokens, now)
-        state.num_in_flight += 1
+        self._take_tokens(state, num_tokens, now)
         if state.requests is not None:
             state.requests.add(-1, now)
-        self._take_tokens(state, num_tokens, now)
+        state.num_in_flight += 1  # last: whatever raised above left the count as it was
         return Reservation(tenant.name, num_tokens, self._headers(state, now))
 
     def add_tokens(self, reservation: Reservation, num_tokens: int) -> None:

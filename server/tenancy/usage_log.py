@@ -23,6 +23,8 @@ from pathlib import Path
 log = logging.getLogger("promptserve.usage")
 
 SECONDS_PER_HOUR = 3600
+DEFAULT_MAX_TASKS_PER_HOUR = 1000
+OTHER_TASKS = "__other__"
 _FILE = re.compile(r"^usage-(\d{4}-\d{2}-\d{2})\.[A-Za-z0-9_.-]+\.jsonl$")
 
 
@@ -65,7 +67,7 @@ class UsageLog:
     """Appends this process's records; reads every writer's; answers totals by tenant, task and hour."""
 
     def __init__(self, folder: Path, *, retention_days: int = 90, clock: Callable[[], float] = time.time,
-                 writer: str | None = None):
+                 writer: str | None = None, max_tasks_per_hour: int = DEFAULT_MAX_TASKS_PER_HOUR):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._retention_days = retention_days
@@ -79,6 +81,10 @@ class UsageLog:
         self._fd_day: str | None = None
         self._offsets: dict[str, int] = {}  # file name -> bytes read
         self._totals: dict[tuple[str, str | None, int], Counts] = {}
+        # A tenant's refusals name any task ids its patterns allow: past this many tasks in an hour, the rest
+        # are summed under OTHER_TASKS, so the totals stay bounded whatever ids a client sends.
+        self._max_tasks_per_hour = max_tasks_per_hour
+        self._num_tasks: dict[tuple[str, int], int] = {}  # (tenant, hour) -> tasks with their own totals
         self._delete_old()
 
     def append(self, tenant: str, task: str | None, counts: Counts) -> None:
@@ -155,10 +161,27 @@ class UsageLog:
             except (ValueError, KeyError, TypeError):
                 log.warning("usage: skipping a malformed line in %s", source)
                 continue
-            self._totals.setdefault(key, Counts()).add(counts)
+            self._total_of(key).add(counts)
+
+    def _total_of(self, key: tuple[str, str | None, int]) -> Counts:
+        if key not in self._totals:
+            tenant, _, hour = key
+            if self._num_tasks.get((tenant, hour), 0) >= self._max_tasks_per_hour:
+                key = (tenant, OTHER_TASKS, hour)
+                if key in self._totals:
+                    return self._totals[key]
+            self._num_tasks[(tenant, hour)] = self._num_tasks.get((tenant, hour), 0) + 1
+            self._totals[key] = Counts()
+        return self._totals[key]
 
     def _delete_old(self) -> None:
-        cutoff = time.strftime("%Y-%m-%d", time.gmtime(self._clock() - self._retention_days * 86_400))
+        oldest = self._clock() - self._retention_days * 86_400
+        with self._read_lock:  # the totals of deleted days go with their files
+            for key in [k for k in self._totals if k[2] < oldest - 86_400]:
+                del self._totals[key]
+            for key in [k for k in self._num_tasks if k[1] < oldest - 86_400]:
+                del self._num_tasks[key]
+        cutoff = time.strftime("%Y-%m-%d", time.gmtime(oldest))
         for path in self.folder.glob("usage-*.jsonl"):
             match = _FILE.match(path.name)
             if match and match.group(1) < cutoff:

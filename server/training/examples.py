@@ -106,3 +106,17 @@ def _from_messages(number: int, messages: Any, tokenizer: Any) -> tuple[str, str
         raise ExampleError(number, 'the last message must be the assistant\'s (the completion)')
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     return prompt, messages[-1]["content"]
+
+
+def positions_needed(example: Example, num_virtual_tokens: int, *, is_encoder_decoder: bool) -> int:
+    """Positions the model's table must hold for `example` behind its virtual tokens: the encoder's input
+    and the decoder's labels each count from 0 (seq2seq); a causal row is one sequence."""
+    if is_encoder_decoder:
+        return max(num_virtual_tokens + len(example.input_ids), len(example.labels))
+    return num_virtual_tokens + len(example.input_ids)
+
+
+def longest(examples: list[Example]) -> dict:
+    """What a file record keeps of its examples: how many, and the longest input and labels."""
+    return {"num_examples": len(examples), "longest_input": max(len(e.input_ids) for e in examples),
+            "longest_labels": max(len(e.labels) for e in examples)}

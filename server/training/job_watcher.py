@@ -5,7 +5,8 @@ Any server takes uploads and jobs (they are files on the shared store); one runs
 this thread tries to take the owner lock (owner_lock.py) if it does not hold it; once it does, it resumes
 the jobs left running and queues the rest. While it owns the folder, it reads the jobs folder again
 whenever the folder changed (a new job, a cancel asked for elsewhere). Training itself runs on the
-engine's thread (runner.py); this thread only reads files.
+engine's thread (runner.py); this thread reads files, deletes expired uploads, and writes again the job
+endings a full disk refused.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class JobWatcher:
             log.exception("watching the training jobs failed")
 
     def _poll(self) -> None:
+        self._num_polls += 1
+        if self._num_polls % LOOK_ANYWAY_EVERY == 0:
+            self._state.delete_expired_files()  # any server may: each delete is one unlink
         if not self._runner.is_owner:
             try:
                 is_taken = self._lock.try_acquire()
@@ -73,8 +77,8 @@ class JobWatcher:
             self._jobs_changed_at = self._state.jobs_changed_at()
             self._runner.take_ownership()
             return
+        self._runner.save_unsaved()
         changed_at = self._state.jobs_changed_at()
-        self._num_polls += 1
         # A job or a cancel was written (by any server).
         if changed_at != self._jobs_changed_at or self._num_polls % LOOK_ANYWAY_EVERY == 0:
             self._jobs_changed_at = changed_at

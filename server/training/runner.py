@@ -1,22 +1,23 @@
 """TrainingRunner: runs fine-tuning jobs one at a time, on the engine's thread, between inference steps.
 
 The engine calls `run_slice(is_serving)` after each inference step, and over and over while it has no
-requests. A server idle for IDLE_AFTER_S takes a whole training step per call. Otherwise a slice is
-one example's forward and backward (the step's gradient is accumulated example by example, which gives
-the same update), and a slice is taken only when training has had less than `share_under_load` of the
-time since its last one (a request that arrives in a short gap between requests then waits for one
-example at most, not a whole step). On a CPU, one example of a 100M-parameter model takes longer than a
-decode step, so every slice stalls the running rows once; the default (1 %) keeps those stalls out of
-the inter-token p99. Serving comes first: under sustained load a job advances slowly, and at full speed
-whenever the server is idle.
+requests. Every slice is bounded: at most MAX_EXAMPLES_PER_SLICE examples' forward and backward when the
+server has been idle for IDLE_AFTER_S, one example otherwise, whatever the job's batch size (the step's
+gradient is accumulated part by part, which gives the same update). Validation runs the same way, in
+slices, after an epoch's last step. Under load a slice is taken only when training has had less than
+`share_under_load` of the time since its last one, so a request that arrives waits for one example at
+most. Serving comes first: under sustained load a job advances slowly, at full speed when idle.
 
-Only the server that owns the training folder runs its jobs (job_watcher.py: one server, or one of the
-replicas sharing a store). Every `checkpoint_every` steps the prompt and the optimizer state are saved,
-and the job's record at most every PROGRESS_SAVE_S (what the other servers show); a job found running
-when a server takes ownership (its own restart, or another server stopped) resumes from its checkpoint.
-The batch schedule is a function of (seed, epoch), so a resumed job takes the same batches it would
-have. On success the prompt is written to the store as a new version of the task (atomically; running
-requests finish on the old one) and the task's cached virtual-token KV is dropped.
+A job's start (reading and tokenizing its files, checking them against the model's positions, loading its
+checkpoint) runs on a thread of its own (job_prep.py), never on the engine's.
+
+Only the server that owns the training folder runs its jobs (job_watcher.py). Every `checkpoint_every`
+steps the prompt and the optimizer state are saved, and the job's record at most every PROGRESS_SAVE_S; a
+job found running when a server takes ownership resumes from its checkpoint, unless its servers stopped
+without shutting down MAX_CRASHES times while it ran (it may be what kills them): then it fails. A job
+also fails after `max_job_s` of wall-clock time. An ending that cannot be written (disk full) is shown
+from memory and written again by the watcher, so the job never stays `running`. On success the prompt
+is written to the store as a new version of the task and the task's cached virtual-token KV is dropped.
 """
 
 from __future__ import annotations
@@ -26,61 +27,66 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from prompt_store.init import random_init, sample_vocab_init, text_init
-from server.training.examples import Example, read_jsonl
-from server.training.prompt_trainer import Hyperparameters, PromptTrainer, epoch_order, num_counted
+from server.training.examples import Example
+from server.training.job_prep import ModelFacts, Prepared, prepare
+from server.training.prompt_trainer import epoch_order, num_counted
 from server.training.state import ACTIVE_STATUSES, TrainingState
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARE_UNDER_LOAD = 0.01
 IDLE_AFTER_S = 0.5  # no request for this long: the server is idle (a gap between requests is not)
 PROGRESS_SAVE_S = 1.0
-
-
-@dataclass
-class _Active:
-    job: dict
-    trainer: PromptTrainer
-    train: list[Example]
-    validation: list[Example]
-    hyper: Hyperparameters
-    total_steps: int
-    num_done_in_batch: int = 0  # examples of the current step's batch already accumulated
-    batch_loss: float = 0.0
+MAX_EXAMPLES_PER_SLICE = 8  # the longest the engine's thread is away from serving: 8 examples' step
+MAX_CRASHES = 3
 
 
 class TrainingRunner:
     """Side work of the engine (Engine.set_side_work)."""
 
-    def __init__(self, state: TrainingState, *, model: Any, tokenizer: Any, store: Any, engine: Any,
-                 task_type: str, checkpoint_every: int = 10, share_under_load: float = DEFAULT_SHARE_UNDER_LOAD):
-        self._state, self._model, self._tokenizer = state, model, tokenizer
-        self._store, self._engine, self._task_type = store, engine, task_type
-        self._checkpoint_every = checkpoint_every
-        self._share_under_load = share_under_load
+    def __init__(self, state: TrainingState, *, facts: ModelFacts, store: Any, engine: Any,
+                 checkpoint_every: int = 10, share_under_load: float = DEFAULT_SHARE_UNDER_LOAD,
+                 max_job_s: float = math.inf):
+        self._state, self._facts, self._store, self._engine = state, facts, store, engine
+        self._checkpoint_every, self._share_under_load, self._max_job_s = checkpoint_every, share_under_load, max_job_s
         self.is_owner = False  # set by take_ownership(): this server runs the folder's jobs
         self._queue: deque[str] = deque()
         self._seen: set[str] = set()  # jobs read from disk (or submitted here): queued once, never again
         self._seen_lock = threading.Lock()
         self._cancelled: set[str] = set()
-        self._active: _Active | None = None
-        self._next_step_at = 0.0
-        self._last_busy = 0.0
-        self._last_saved = 0.0
+        self._active: Prepared | None = None
+        self._preparing: tuple[dict, Future] | None = None
+        self._prep_pool = ThreadPoolExecutor(1, thread_name_prefix="promptserve-training-prep")
+        self._unsaved: dict[str, dict] = {}  # ended jobs whose record could not be written yet
+        self._next_step_at = self._last_busy = self._last_saved = 0.0
 
     # ---- the job watcher's side (its thread) ----
     def take_ownership(self) -> None:
-        """This server now runs the folder's jobs. A job left running (this server restarted, or the
-        server that ran it stopped) goes on from its last checkpoint; queued ones follow, oldest first."""
+        """This server now runs the folder's jobs. A job left running goes on from its last checkpoint (or
+        fails, after MAX_CRASHES servers died under it); queued ones follow, oldest first."""
         for job in reversed(self._state.jobs()):
             if job["status"] == "running":
-                self._state.add_event(job["id"], "training restarted after its server stopped: the job goes "
-                                                 "on from its last checkpoint")
+                self._resume_or_fail(job)
         self.is_owner = True
         self.adopt_from_disk()
+
+    def _resume_or_fail(self, job: dict) -> None:
+        if job.pop("was_paused", False):
+            self._state.add_event(job["id"], "training restarted after its server stopped: the job goes on from "
+                                             "its last checkpoint")
+        else:
+            job["num_crashes"] = job.get("num_crashes", 0) + 1
+            if job["num_crashes"] >= MAX_CRASHES:
+                self._finish(job, "failed", f"its server stopped without shutting down {job['num_crashes']} times "
+                             "while the job ran (it may be what kills it); the job is not resumed again",
+                             error={"code": "server_crashed", "message": "the job's server crashed repeatedly",
+                                    "param": None})
+                return
+            self._state.add_event(job["id"], "training restarted after its server stopped: the job goes on from "
+                                             f"its last checkpoint (crash {job['num_crashes']} of {MAX_CRASHES})")
+        self._state.save_job(job)
 
     def adopt_from_disk(self) -> None:
         """Queue the jobs other servers wrote (oldest first), and take up the cancels asked for."""
@@ -94,6 +100,25 @@ class TrainingRunner:
             self._queue.extend(j["id"] for j in sorted(fresh, key=lambda j: (j["created_at"], j["id"])))
         self._cancelled |= self._state.cancel_requests()
         self._engine.notify()
+
+    def save_unsaved(self) -> None:
+        """Write the endings a full or read-only disk refused (the watcher calls this every poll)."""
+        for job_id, job in list(self._unsaved.items()):
+            try:
+                self._state.save_job(job)
+            except OSError:
+                return
+            self._unsaved.pop(job_id, None)
+
+    def pause(self) -> None:
+        """The server stops (the engine has): the running job is marked to go on, not counted as a crash."""
+        self._prep_pool.shutdown(wait=True, cancel_futures=True)
+        job = self._active.job if self._active is not None else self._preparing[0] if self._preparing else None
+        if job is not None and job["status"] == "running":
+            try:
+                self._state.save_job({**job, "was_paused": True})
+            except OSError as exc:
+                log.error("cannot save training job %s at shutdown: %s", job["id"], exc)
 
     # ---- the API's side (event loop) ----
     def submit(self, job_id: str) -> None:
@@ -113,14 +138,21 @@ class TrainingRunner:
             self._engine.notify()
 
     def live_view(self, job_id: str) -> dict | None:
-        """The running job as it is now, on the server that runs it (its record on disk is up to
-        PROGRESS_SAVE_S older)."""
+        """The job as it is now on the server that runs it: its record on disk may be up to PROGRESS_SAVE_S
+        older, or not written at all (an ending the disk refused)."""
         active = self._active
-        return dict(active.job) if active is not None and active.job["id"] == job_id else None
+        if active is not None and active.job["id"] == job_id:
+            return dict(active.job)
+        unsaved = self._unsaved.get(job_id)
+        return dict(unsaved) if unsaved is not None else None
 
     # ---- the engine's side ----
     def has_work(self) -> bool:
-        return self.is_owner and (self._active is not None or bool(self._queue))
+        if not self.is_owner:
+            return False
+        if self._preparing is not None:
+            return self._preparing[1].done()  # the engine is notified when it is
+        return self._active is not None or bool(self._queue)
 
     def run_slice(self, is_serving: bool) -> None:
         if self._active is None and not self._start_next():
@@ -128,6 +160,10 @@ class TrainingRunner:
         active = self._active
         if active.job["id"] in self._cancelled:
             self._end(active, "cancelled", "the job was cancelled")
+            return
+        if time.time() - active.job.get("started_at", time.time()) > self._max_job_s:
+            self._end(active, "failed", f"the job ran longer than its limit of {self._max_job_s:.0f} s",
+                      error={"code": "time_limit", "message": "wall-clock limit reached", "param": None})
             return
         started = time.monotonic()
         if is_serving:
@@ -138,7 +174,7 @@ class TrainingRunner:
                 time.sleep(0.002)  # a gap between requests: wait for them, without spinning the engine's loop
             return
         try:
-            self._slice(active, is_whole_step=is_idle)
+            self._slice(active, MAX_EXAMPLES_PER_SLICE if is_idle else 1)
         except Exception as exc:  # noqa: BLE001 - the job fails with its reason; serving goes on
             log.exception("training job %s failed", active.job["id"])
             self._end(active, "failed", f"training failed: {exc}", error={"code": "training_error",
@@ -148,6 +184,18 @@ class TrainingRunner:
         self._next_step_at = time.monotonic() + took * (1 - self._share_under_load) / self._share_under_load
 
     def _start_next(self) -> bool:
+        """True once a job is prepared; otherwise starts preparing the next queued one (off this thread)."""
+        if self._preparing is not None:
+            job, future = self._preparing
+            if not future.done():
+                return False
+            self._preparing = None
+            try:
+                self._active = future.result()
+                return True
+            except Exception as exc:  # noqa: BLE001 - e.g. the file was deleted: the job fails, said why
+                self._finish(job, "failed", f"the job could not start: {exc}",
+                             error={"code": "invalid_training_file", "message": str(exc), "param": "training_file"})
         while self._queue:
             job = self._state.job(self._queue.popleft())
             if job is None or job["status"] not in ACTIVE_STATUSES:
@@ -155,53 +203,25 @@ class TrainingRunner:
             if job["id"] in self._cancelled:
                 self._finish(job, "cancelled", "the job was cancelled")
                 continue
-            try:
-                self._active = self._prepare(job)
-            except Exception as exc:  # noqa: BLE001 - e.g. the file was deleted: the job fails, said why
-                self._finish(job, "failed", f"the job could not start: {exc}",
-                             error={"code": "invalid_training_file", "message": str(exc), "param": "training_file"})
-                continue
-            return True
+            future = self._prep_pool.submit(prepare, self._state, job, self._facts)
+            self._preparing = (job, future)
+            future.add_done_callback(lambda _: self._engine.notify())
+            return False
         return False
 
-    def _prepare(self, job: dict) -> _Active:
-        is_seq2seq = self._task_type == "SEQ_2_SEQ_LM"
-        read = lambda file_id: read_jsonl(self._state.file_data(file_id), self._tokenizer,  # noqa: E731
-                                          is_encoder_decoder=is_seq2seq)
-        train = read(job["training_file"])
-        validation = read(job["validation_file"]) if job.get("validation_file") else []
-        hyper = Hyperparameters(**job["hyperparameters"])
-        trainer = PromptTrainer(self._model, self._init(job), hyper, pad_token_id=_pad_id(self._tokenizer))
-        checkpoint = self._state.checkpoint(job["id"])
-        if checkpoint is not None:
-            trainer.load_state_dict(checkpoint)
-            # The record may have been saved at later steps than the checkpoint: they are trained again.
-            job["trained_tokens"] = checkpoint.get("trained_tokens", job["trained_tokens"])
-        job["status"] = "running"
-        self._state.save_job(job)
-        self._state.add_event(job["id"], f"training from step {trainer.num_steps}: {len(train)} examples, "
-                                         f"{hyper.n_epochs} epochs of batches of {hyper.batch_size}")
-        total = hyper.n_epochs * math.ceil(len(train) / hyper.batch_size)
-        return _Active(job, trainer, train, validation, hyper, total)
-
-    def _init(self, job: dict):
-        spec = job["prompt_tuning"]
-        n, embeddings = spec["num_virtual_tokens"], self._model.get_input_embeddings()
-        if spec["init"] == "text":
-            return text_init(spec["init_text"], n, self._tokenizer, embeddings)
-        if spec["init"] == "sample_vocab":
-            return sample_vocab_init(n, embeddings, seed=job["seed"])
-        return random_init(n, embeddings.weight.shape[1], seed=job["seed"])
-
-    def _slice(self, active: _Active, *, is_whole_step: bool) -> None:
-        """The rest of the current step's batch, or its next example; the update once the batch is done."""
+    def _slice(self, active: Prepared, size: int) -> None:
+        """The next `size` examples of the current step's batch (the update once it is done), or of the
+        validation file while evaluating."""
+        if active.eval_next is not None:
+            self._eval_slice(active, size)
+            return
         steps_per_epoch = math.ceil(len(active.train) / active.hyper.batch_size)
         epoch, index = divmod(active.trainer.num_steps, steps_per_epoch)
         order = epoch_order(len(active.train), epoch, active.job["seed"])
-        size = active.hyper.batch_size
-        batch = [active.train[i] for i in order[index * size:(index + 1) * size]]
+        batch_size = active.hyper.batch_size
+        batch = [active.train[i] for i in order[index * batch_size:(index + 1) * batch_size]]
         start = active.num_done_in_batch
-        part = batch[start:] if is_whole_step else batch[start:start + 1]
+        part = batch[start:start + size]
         active.batch_loss += active.trainer.accumulate(part, num_counted(batch))
         active.num_done_in_batch += len(part)
         if active.num_done_in_batch == len(batch):
@@ -209,12 +229,29 @@ class TrainingRunner:
             self._after_step(active, batch, is_epoch_end=index == steps_per_epoch - 1)
             active.num_done_in_batch, active.batch_loss = 0, 0.0
 
-    def _after_step(self, active: _Active, batch: list[Example], *, is_epoch_end: bool) -> None:
-        job, step, loss = active.job, active.trainer.num_steps, active.batch_loss
+    def _after_step(self, active: Prepared, batch: list[Example], *, is_epoch_end: bool) -> None:
+        job = active.job
         job["trained_tokens"] += sum(len(e.input_ids) + job["prompt_tuning"]["num_virtual_tokens"] for e in batch)
-        job["train_loss"], job["progress"] = loss, {"step": step, "total_steps": active.total_steps}
-        if is_epoch_end and active.validation:
-            job["valid_loss"] = active.trainer.evaluate(active.validation, active.hyper.batch_size)
+        job["train_loss"] = active.batch_loss
+        job["progress"] = {"step": active.trainer.num_steps, "total_steps": active.total_steps}
+        if is_epoch_end and active.validation:  # the step's record waits for its validation loss
+            active.eval_next, active.eval_loss_sum, active.eval_num_counted = 0, 0.0, 0
+            return
+        self._record_step(active, is_epoch_end=is_epoch_end)
+
+    def _eval_slice(self, active: Prepared, size: int) -> None:
+        part = active.validation[active.eval_next:active.eval_next + size]
+        num = num_counted(part)
+        active.eval_loss_sum += active.trainer.evaluate(part, len(part)) * num
+        active.eval_num_counted += num
+        active.eval_next += len(part)
+        if active.eval_next >= len(active.validation):
+            active.eval_next = None
+            active.job["valid_loss"] = active.eval_loss_sum / max(active.eval_num_counted, 1)
+            self._record_step(active, is_epoch_end=True)
+
+    def _record_step(self, active: Prepared, *, is_epoch_end: bool) -> None:
+        job, step, loss = active.job, active.trainer.num_steps, active.job["train_loss"]
         if is_epoch_end or step % self._checkpoint_every == 0:
             self._state.save_checkpoint(job["id"], {**active.trainer.state_dict(),
                                                     "trained_tokens": job["trained_tokens"]})
@@ -231,25 +268,30 @@ class TrainingRunner:
         self._state.save_job(job)
         self._last_saved = time.monotonic()
 
-    def _publish(self, active: _Active) -> None:
+    def _publish(self, active: Prepared) -> None:
         job = active.job
-        prompt = self._store.put(job["task_id"], active.trainer.prompt.detach(), task_type=self._task_type)
+        prompt = self._store.put(job["task_id"], active.trainer.prompt.detach(), task_type=self._facts.task_type)
         self._engine.forget_task(job["task_id"])
         job["fine_tuned_model"] = job["task_id"]
         self._end(active, "succeeded", f"published task {job['task_id']!r} version {prompt.version}")
 
-    def _end(self, active: _Active, status: str, message: str, error: dict | None = None) -> None:
+    def _end(self, active: Prepared, status: str, message: str, error: dict | None = None) -> None:
         self._active = None
         self._finish(active.job, status, message, error)
 
     def _finish(self, job: dict, status: str, message: str, error: dict | None = None) -> None:
+        """The job's ending: written if the disk lets it, else kept (shown, and written later)."""
         job.update(status=status, finished_at=int(time.time()), error=error)
-        # The event first: whoever sees the job ended has every event of it (the SSE stream relies on it).
-        self._state.add_event(job["id"], message, level="error" if status == "failed" else "info")
-        self._state.save_job(job)
-        self._state.clear_cancel(job["id"])
+        self._unsaved[job["id"]] = job
         self._cancelled.discard(job["id"])
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        try:  # the event first: whoever sees the job ended has every event of it (the SSE stream relies on it)
+            self._state.add_event(job["id"], message, level="error" if status == "failed" else "info")
+        except OSError as exc:
+            log.error("training job %s: cannot write its last event: %s", job["id"], exc)
+        try:
+            self._state.save_job(job)
+            self._state.clear_cancel(job["id"])
+        except OSError as exc:
+            log.error("training job %s %s, but its record cannot be written yet: %s", job["id"], status, exc)
+            return
+        self._unsaved.pop(job["id"], None)

@@ -11,6 +11,7 @@ never half of one. Several servers may share the folder: each event is one appen
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 ACTIVE_STATUSES = ("validating_files", "queued", "running")  # a job that has not ended
+MAX_ID_CHARS = 64
 
 
 class TrainingState:
@@ -33,29 +35,49 @@ class TrainingState:
         self._lock = threading.Lock()
 
     # ---- files ----
-    def add_file(self, data: bytes, *, filename: str, purpose: str, tenant: str, num_examples: int) -> dict:
-        """Store an uploaded (and checked) file; its OpenAI file object, plus the owner and the examples
-        counted when it was checked (a job's step bound needs them: the file is not read again for it)."""
-        record = {"id": f"file-{secrets.token_hex(12)}", "object": "file", "bytes": len(data),
-                  "created_at": int(time.time()), "filename": filename, "purpose": purpose,
-                  "status": "processed", "tenant": tenant, "num_examples": num_examples}
-        _write_atomic(self.root / "files" / f"{record['id']}.jsonl", data)
-        self._write_json(self.root / "files" / f"{record['id']}.json", record)
+    def add_file(self, data: bytes, *, filename: str, purpose: str, tenant: str, counts: dict, ttl_s: float) -> dict:
+        """Store an uploaded (and checked) file; its OpenAI file object, plus the owner and what was counted
+        when it was checked (`counts`: a job's bounds need them, the file is not read again for them). A failed
+        write (disk full) leaves no part of it."""
+        now = int(time.time())
+        record = {"id": f"file-{secrets.token_hex(12)}", "object": "file", "bytes": len(data), "created_at": now,
+                  "expires_at": now + math.ceil(ttl_s), "filename": filename, "purpose": purpose,
+                  "status": "processed", "tenant": tenant, **counts}
+        data_path = self.root / "files" / f"{record['id']}.jsonl"
+        _write_atomic(data_path, data)
+        try:
+            self._write_json(self.root / "files" / f"{record['id']}.json", record)
+        except BaseException:
+            data_path.unlink(missing_ok=True)
+            raise
         return record
 
     def file(self, file_id: str) -> dict | None:
-        return self._read_json(self.root / "files" / f"{_safe(file_id)}.json")
+        """The file's record; None once it has expired (the watcher deletes it soon after)."""
+        record = self._read_json(self.root / "files" / f"{_safe(file_id)}.json")
+        return None if record is None or _is_expired(record) else record
 
     def file_data(self, file_id: str) -> bytes:
         return (self.root / "files" / f"{_safe(file_id)}.jsonl").read_bytes()
 
     def files(self) -> list[dict]:
-        return sorted((r for p in (self.root / "files").glob("*.json") if (r := self._read_json(p))),
+        return sorted((r for p in (self.root / "files").glob("*.json")
+                       if (r := self._read_json(p)) and not _is_expired(r)),
                       key=lambda r: (r["created_at"], r["id"]), reverse=True)
 
     def delete_file(self, file_id: str) -> None:
-        for suffix in (".jsonl", ".json"):
+        for suffix in (".json", ".jsonl"):  # the record first: no record without its data
             (self.root / "files" / f"{_safe(file_id)}{suffix}").unlink(missing_ok=True)
+
+    def delete_expired_files(self) -> int:
+        """Delete every expired file; how many went."""
+        gone = 0
+        for path in (self.root / "files").glob("*.json"):
+            record = self._read_json(path)
+            if record is not None and _is_expired(record):
+                self.delete_file(record["id"])
+                gone += 1
+        return gone
 
     # ---- jobs ----
     def save_job(self, job: dict) -> None:
@@ -113,12 +135,17 @@ class TrainingState:
 
     def save_checkpoint(self, job_id: str, state: dict) -> None:
         tmp = self.root / "jobs" / f".{_safe(job_id)}.ckpt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.root / "jobs" / f"{_safe(job_id)}.ckpt")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.root / "jobs" / f"{_safe(job_id)}.ckpt")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def checkpoint(self, job_id: str) -> dict | None:
+        """The job's last checkpoint; weights_only: tensors and plain containers, a planted pickle runs nothing."""
         path = self.root / "jobs" / f"{_safe(job_id)}.ckpt"
-        return torch.load(path, weights_only=False) if path.exists() else None
+        return torch.load(path, weights_only=True) if path.exists() else None
 
     # ---- helpers ----
     def _write_json(self, path: Path, record: dict) -> None:
@@ -147,15 +174,25 @@ def new_job(*, model: str, task_id: str, training_file: str, validation_file: st
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, read-only: no partial file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _is_expired(record: dict) -> bool:
+    expires_at = record.get("expires_at")
+    return isinstance(expires_at, (int, float)) and expires_at <= time.time()
 
 
 def _safe(identifier: str) -> str:
-    """Ids come from URLs: never a path."""
-    if not identifier or not identifier.replace("-", "").replace("_", "").isalnum():
-        raise KeyError(identifier)
+    """Ids come from URLs: never a path, and never longer than a file name may be (ours are 29 characters)."""
+    if not identifier or len(identifier) > MAX_ID_CHARS or not identifier.isascii() \
+            or not identifier.replace("-", "").replace("_", "").isalnum():
+        raise KeyError(identifier[:MAX_ID_CHARS])
     return identifier

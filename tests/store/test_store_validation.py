@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from prompt_store import InvalidPrompt, InvalidTaskId, TaskNotFound
@@ -201,8 +202,13 @@ def test_upload_is_validated_before_anything_is_written(store):
     with pytest.raises(InvalidPrompt, match="3 rows"):
         store.put_adapter_files("up", good_config, st_save({"prompt_embeddings": torch.ones(3, 64)}))
     assert os.listdir(store.root) == []
-    prompt = store.put_adapter_files("up", good_config, good_weights)
-    assert (store.root / "up" / "adapter_model.safetensors").read_bytes() == good_weights  # stored as-is
+    prompt = store.put_adapter_files("up", good_config, st_save({"prompt_embeddings": torch.ones(2, 64)},
+                                                                metadata={"promptserve_version": "forged", "a": "b"}))
+    stored = (store.root / "up" / "adapter_model.safetensors").read_bytes()
+    assert stored.endswith(torch.ones(2, 64).numpy().tobytes())  # the tensor bytes as uploaded
+    with safe_open(store.root / "up" / "adapter_model.safetensors", "pt") as f:  # the header's version is the store's
+        assert f.metadata()["promptserve_version"] == prompt.version != "forged" and f.metadata()["a"] == "b"
+        assert torch.equal(f.get_tensor("prompt_embeddings"), torch.ones(2, 64))
     assert store.get("up").version == prompt.version
 
 
