@@ -88,7 +88,23 @@ def install(model) -> None:
     AttentionInterface.register(IMPLEMENTATION, slot_attention)
     # The model's own mask is never used: the plan carries each row's, so building it is skipped.
     AttentionMaskInterface.register(IMPLEMENTATION, lambda *args, **kwargs: None)
+    if model.config._attn_implementation != IMPLEMENTATION:
+        model._promptserve_stock_attention = model.config._attn_implementation
     model.set_attn_implementation(IMPLEMENTATION)
+
+
+@contextmanager
+def stock_attention(model):
+    """Run `model` with the attention it was loaded with (sdpa, eager, ...) for a while, glue or not."""
+    current = model.config._attn_implementation
+    if current != IMPLEMENTATION:
+        yield
+        return
+    model.set_attn_implementation(model._promptserve_stock_attention)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
 
 
 @contextmanager

@@ -13,18 +13,18 @@ from typing import Any
 
 import torch
 
-from server.engine import native_decode, packed_linear, validation
+from server.engine import native_decode, validation
 from server.engine.config import EngineConfig
 from server.engine.errors import EngineStopped
 from server.engine.faults import FaultInjector
-from server.engine.kv_budget import free_memory, size_pool
+from server.engine.kv_budget import size_pool
 from server.engine.kv_pool import KVPool
 from server.engine.model_loader import LoadedModel
 from server.engine.outbox import Outbox
 from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.runner_seq2seq import Seq2SeqRunner
-from server.engine.runner_slots import open_slot_runner, warm_up
+from server.engine.runner_slots import open_slot_runner, probe_step, warm_up
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.stream import RequestStream
@@ -33,16 +33,6 @@ from server.engine.worker import LogitsTap, Worker
 from server.engine.worker_slots import SlotWorker
 
 log = logging.getLogger(__name__)
-
-
-def _prepack(model: Any) -> None:
-    """Keep the model's linear weights in oneDNN's layout too, when that copy fits in memory."""
-    packed = packed_linear.pack_within(model, free_memory(torch.device("cpu")))
-    if packed is None:
-        log.warning("linear weights not prepacked: their copy (%.0f MiB) would take more than half the free "
-                    "memory", packed_linear.linear_bytes(model) / 2**20)
-    else:
-        log.info("linear weights prepacked for oneDNN: %.1f MiB more", packed / 2**20)
 
 
 class Engine:
@@ -71,12 +61,10 @@ class Engine:
         runner = None
         if config.use_slots and not self.loaded.is_encoder_decoder:
             native = native_decode.load() if config.native_decode else None
-            runner = open_slot_runner(model, self.fault_injector, native)
+            runner = open_slot_runner(model, self.fault_injector, native, prepack=config.prepack_weights)
         if runner is None:
             runner_type = Seq2SeqRunner if self.loaded.is_encoder_decoder else ModelRunner
             return Worker(runner_type(model, self.fault_injector), self._scheduler, release, self._outbox.flush)
-        if config.prepack_weights and packed_linear.can_pack(model):
-            _prepack(model)
         max_context = config.max_total_tokens
         if self.loaded.max_positions is not None:
             max_context = min(max_context, self.loaded.max_positions)
@@ -102,12 +90,24 @@ class Engine:
         runner = self._worker.runner
         try:
             warm_up(runner)
+            # The compiled step is code of its own: it must pass the exactness probe too.
+            reason = probe_step(runner, runner.native) if runner.is_compiled else None
         except Exception as exc:  # noqa: BLE001 - e.g. inductor found no C++ compiler
             if not runner.is_compiled:
                 raise
-            runner.use_eager(repr(exc)[:300])
+            reason = repr(exc)[:300]
+        if reason is not None:
+            runner.use_eager(reason)
             warm_up(runner)
         return time.monotonic() - started
+
+    def describe(self) -> dict[str, Any]:
+        """How requests are computed (for /info): the KV path, the decode attention, a compiled step."""
+        if self.pool is None:
+            path = "seq2seq" if self.loaded.is_encoder_decoder else "legacy"
+            return {"engine": path, "decode_attention": "transformers", "compiled_step": False}
+        return {"engine": "slots", "decode_attention": "native" if self.pool.has_native_decode else "sdpa",
+                "compiled_step": self._worker.runner.is_compiled}
 
     def set_side_work(self, work: Any) -> None:
         """Work the engine's thread does between inference steps (training): `work.has_work()` says whether

@@ -38,7 +38,8 @@ def accept(native: NativeDecode, geometry: KVGeometry) -> NativeDecode | None:
         now.copy_(past)
     prefix = PrefixKV(rand(geometry.num_layers, kv_heads, 6, dim), rand(geometry.num_layers, kv_heads, 6, dim))
     slots, positions = torch.tensor([2, 0, 3, 1, 1]), torch.tensor([30, 7, 39, 0, 1])
-    new_kv = [rand(5, kv_heads, dim) for _ in range(2)]
+    # Keys contiguous, values a strided view (as a fused projection's slice): each keeps its own strides.
+    new_kv = [rand(5, kv_heads, dim), rand(5, kv_heads, 3 * dim)[:, :, dim:2 * dim]]
     queries, out = rand(5, heads, dim), rand(5, heads, dim)
     pool.write_and_decode(layer, queries, *new_kv, slots, positions, pool.shared_prefixes([prefix, None, None]),
                           0.3, out)

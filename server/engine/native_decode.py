@@ -44,7 +44,8 @@ class NativeDecode:
         for dtype, name in DTYPES.items():
             fn = getattr(library, f"slot_decode_{name}")
             fn.restype = None
-            fn.argtypes = [ctypes.c_void_p, _Int64x3, ctypes.c_void_p, ctypes.c_void_p, _Int64x3, ctypes.c_void_p,
+            fn.argtypes = [ctypes.c_void_p, _Int64x3, ctypes.c_void_p, _Int64x3, ctypes.c_void_p, _Int64x3,
+                           ctypes.c_void_p,
                            ctypes.c_void_p, _Int64x3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p,
@@ -60,12 +61,13 @@ class NativeDecode:
             keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
             shared: SharedPrefixes, scale: float, out: torch.Tensor) -> None:
         """query `[N, H, d]`, new_keys/new_values `[N, KVH, d]` (innermost dim contiguous, any other
-        strides); keys/values: this layer's pool `[slots, KVH, tokens, d]`; slots/positions `[N]` int64
+        strides, each its own); keys/values: this layer's pool `[slots, KVH, tokens, d]`; slots/positions `[N]` int64
         contiguous, the first `shared.num_decode` tokens being the decoding rows; out `[N, H, d]` (its first
         num_decode rows are written)."""
         num_tokens, num_heads, head_dim = query.shape
         self._functions[query.dtype](
-            query.data_ptr(), _strides(query), new_keys.data_ptr(), new_values.data_ptr(), _strides(new_keys),
+            query.data_ptr(), _strides(query), new_keys.data_ptr(), _strides(new_keys), new_values.data_ptr(),
+            _strides(new_values),
             keys.data_ptr(), values.data_ptr(), _Int64x3(*keys.stride()[:3]), slots.data_ptr(),
             positions.data_ptr(), shared.keys.data_ptr(), shared.values.data_ptr(), shared.num_tokens.data_ptr(),
             layer, num_tokens, shared.num_decode, num_heads, new_keys.shape[1], head_dim, scale, out.data_ptr(),

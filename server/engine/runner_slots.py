@@ -2,9 +2,9 @@
 
 `open_slot_runner` decides whether a model can run this way: its attention must go through transformers'
 AttentionInterface, every layer must reach the glue (layer index, key shape), it must take position ids,
-and a probe step (two requests, one prefilled in two chunks, then a decode) must give the logits of the
-model's own forward. Anything else (ALiBi models such as BLOOM, sliding windows, logit soft-capping)
-returns None and the engine keeps the legacy path for it.
+and the exactness probe (exactness_probe.py: several requests through chunked prefills and decodes, against
+the model's own eager attention) must pass. Anything else returns None, with the reason logged, and the
+engine keeps the legacy path for it (ALiBi models such as BLOOM, sliding windows, logit soft-capping).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from server.engine import attention, native_check, step_plan
+from server.engine import attention, exactness_probe, native_check, packed_linear, step_plan
 from server.engine.faults import DECODE, PREFILL, FaultInjector
+from server.engine.kv_budget import free_memory
 from server.engine.kv_pool import KVGeometry, KVPool
 from server.engine.native_decode import NativeDecode
 from server.engine.runner import ModelRunner
@@ -34,6 +35,7 @@ class SlotRunner:
         self.geometry = geometry
         self.pool: KVPool | None = None
         self.native: NativeDecode | None = None  # the decode kernel the probe accepted, for the engine's pool
+        self.probe: exactness_probe.Probe | None = None  # run again on the compiled step (Engine.warm_up)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._forward = model  # or its compiled version (`compile`)
 
@@ -83,27 +85,66 @@ class SlotRunner:
     penalty_history = ModelRunner.penalty_history  # the same for every causal model: prompt + generated
 
 
-def open_slot_runner(model: Any, faults: FaultInjector, native: NativeDecode | None = None) -> SlotRunner | None:
+def open_slot_runner(model: Any, faults: FaultInjector, native: NativeDecode | None = None,
+                     prepack: bool = False) -> SlotRunner | None:
     """A SlotRunner for `model`, or None (with the reason logged) when it must keep the legacy path. A
-    native decode kernel, when given, is checked on the model's KV geometry and kept in `runner.native`
-    if it computes what SDPA computes."""
+    native decode kernel, when given, is kept in `runner.native` only if the probe passes with it too.
+    `prepack`: keep linear weights in oneDNN's layout as well (packed_linear.py), probed as served."""
     reason = _static_reason(model)
     if reason is None:
         try:
+            probe = exactness_probe.prepare(model)  # before the glue and packing: the model as loaded
+            if prepack and packed_linear.can_pack(model):
+                _prepack(model)
             attention.install(model)
-            geometry = _discover_geometry(model)
-            runner = SlotRunner(model, faults, geometry)
-            reason = _probe(runner)
-            if reason is None and native is not None:
-                runner.native = native_check.accept(native, geometry)
+            runner = SlotRunner(model, faults, _discover_geometry(model))
+            runner.probe = probe
+            reason = _probe(runner, native)
         except Exception as exc:  # noqa: BLE001 - any failure means: not this path
             reason = f"probe failed: {exc!r}"
     if reason is not None:
         if getattr(model.config, "_attn_implementation", None) == attention.IMPLEMENTATION:
             model.set_attn_implementation("sdpa")
+        packed_linear.unpack(model)
         log.warning("engine: legacy path (%s)", reason)
         return None
     return runner
+
+
+def _prepack(model: Any) -> None:
+    """Keep the model's linear weights in oneDNN's layout too, when that copy fits in memory."""
+    packed = packed_linear.pack_within(model, free_memory(torch.device("cpu")))
+    if packed is None:
+        log.warning("linear weights not prepacked: their copy (%.0f MiB) would take more than half the free "
+                    "memory", packed_linear.linear_bytes(model) / 2**20)
+    else:
+        log.info("linear weights prepacked for oneDNN: %.1f MiB more", packed / 2**20)
+
+
+def _probe(runner: SlotRunner, native: NativeDecode | None) -> str | None:
+    """The exactness probe with the native decode kernel (when it passes its own check), else with SDPA."""
+    if native is not None:
+        native = native_check.accept(native, runner.geometry)
+    if native is not None:
+        reason = probe_step(runner, native)
+        if reason is None:
+            runner.native = native
+            return None
+        log.warning("engine: native decode kernel not used for this model (%s); decode attention runs through "
+                    "SDPA", reason)
+    return probe_step(runner, None)
+
+
+def probe_step(runner: SlotRunner, native: NativeDecode | None) -> str | None:
+    """Run the probe through `runner` as it is now (eager or compiled) on a pool of its own; the reason it
+    failed, or None."""
+    pool = runner.pool
+    runner.attach(KVPool(runner.geometry, num_slots=len(runner.probe.requests),
+                         slot_tokens=runner.probe.max_context, native=native))
+    try:
+        return exactness_probe.run(runner.probe, runner.forward, Chunk, step_plan.order)
+    finally:
+        runner.attach(pool)
 
 
 def _static_reason(model: Any) -> str | None:
@@ -173,24 +214,3 @@ def _warm_up_steps(runner: SlotRunner, seqs: list[_ProbeSeq]) -> None:
     runner.forward(step_plan.order([Chunk(s, 12, 1) for s in seqs]))  # several
     seqs[2].generated, seqs[2].prompt_ids = [], seqs[2].prompt_ids + [3, 4]  # mixed: decodes and a chunk
     runner.forward(step_plan.order([Chunk(seqs[0], 12, 1), Chunk(seqs[1], 12, 1), Chunk(seqs[2], 12, 2)]))
-
-
-def _probe(runner: SlotRunner) -> str | None:
-    """Two requests through a chunked prefill and a decode step, against the model's own forward."""
-    runner.attach(KVPool(runner.geometry, num_slots=2, slot_tokens=16))
-    vocab = runner.model.get_input_embeddings().weight.shape[0]
-    a, b = _ProbeSeq([i % vocab for i in (5, 9, 2, 7, 1, 3)], 0), _ProbeSeq([i % vocab for i in (4, 8, 6)], 1)
-    runner.forward([Chunk(a, 0, 4), Chunk(b, 0, 3)])
-    got = runner.forward([Chunk(a, 4, 2)])[0]
-    b.generated = [int(got.argmax()) % vocab]
-    got_b = runner.forward([Chunk(b, 3, 1)])[0]
-    for seq, logits in ((a, got), (b, got_b)):
-        ids = torch.tensor([seq.prompt_ids + seq.generated], device=runner.geometry.device)
-        with torch.inference_mode():
-            want = runner.model(input_ids=ids, use_cache=False).logits[0, -1].float()
-        error = float((logits - want).abs().max() / want.abs().max().clamp_min(1e-6))
-        if not error < 1e-2:
-            return f"probe logits differ from the model's own forward (relative {error:.2e})"
-    runner.pool = None
-    return None
-

@@ -66,6 +66,23 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def serve(model_dir: Path, store_dir: Path, config, client, dtype: str = "float32"):
+    """Load the model, warm up and start an engine on the store, run `await client(engine)`, stop it;
+    returns (engine, what the client returned)."""
+    from prompt_store.store import PromptStore
+    from server.engine.engine import Engine
+    from server.engine.model_loader import load_model
+
+    loaded = load_model(str(model_dir), device="cpu", dtype=dtype)
+    engine = Engine(loaded, PromptStore(store_dir, token_dim=loaded.hidden_size, dtype=loaded.dtype), config)
+    engine.warm_up()
+    engine.start()
+    try:
+        return engine, run(client(engine))
+    finally:
+        engine.stop(grace_s=5)
+
+
 SEQ2SEQ_FAMILIES = ("t5", "bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small",
                     "m2m_100")
 SEQ2SEQ_MAX_POSITIONS = 64  # BART-like tables: small, so the limit tests stay cheap

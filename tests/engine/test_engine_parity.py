@@ -12,13 +12,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from prompt_store.store import PromptStore
 from server.engine import native_decode
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.model_loader import load_model
 from server.engine.types import SamplingParams
-from tests.engine.conftest import FAMILIES, run, write_peft_adapters
+from tests.engine.conftest import FAMILIES, serve, write_peft_adapters
 
 NUM_VIRTUAL = {"alpha": 1, "beta": 4, "gamma": 7, "delta": 12}
 LOGIT_TOL = 1e-4
@@ -80,7 +78,8 @@ class PeftReferee:
             self.peft.load_adapter(adapters[name], adapter_name=name)
 
     def run(self, task_id: str | None, text: str, max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-        """`generate` (greedy) tokens, and per-step logits from a cache-free loop over `forward`."""
+        """`generate` (greedy) tokens, and per-step logits from one cache-free `forward` over the whole
+        sequence (causal: position k's logits see only what the k-th step saw)."""
         model = self.base
         if task_id is not None:
             self.peft.set_adapter(task_id)
@@ -90,25 +89,16 @@ class PeftReferee:
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
             tokens = out[0, ids.shape[1]:].tolist()
-            logits = []
-            for k in range(len(tokens)):
-                full = torch.cat([ids, torch.tensor([tokens[:k]], dtype=torch.long)], dim=1)
-                logits.append(model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, -1].double())
-        return tokens, logits
+            full = torch.cat([ids, torch.tensor([tokens[:-1]], dtype=torch.long)], dim=1)
+            every = model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, -len(tokens):].double()
+        return tokens, list(every)
 
 
 def _check_parity(model_dir, tmp_path, config: EngineConfig, dtype: str = "float32", tol: float = LOGIT_TOL):
     """Run REQUESTS through an engine with `config`; compare each with PEFT alone. Returns the engine."""
     adapters = write_peft_adapters(model_dir, tmp_path / "store", NUM_VIRTUAL)
-    loaded = load_model(str(model_dir), device="cpu", dtype=dtype)
-    store = PromptStore(tmp_path / "store", token_dim=loaded.hidden_size, dtype=loaded.dtype)
-    engine = Engine(loaded, store, config)
-    engine.warm_up()
-    engine.start()
-    try:
-        token_lists, extra = run(_engine_outputs(engine))
-    finally:
-        engine.stop(grace_s=5)
+    engine, (token_lists, extra) = serve(model_dir, tmp_path / "store", config, _engine_outputs, dtype)
+    loaded = engine.loaded
     assert all(n > 0 for n in extra["running"][1:]), extra["running"]  # each wave joined a running batch
     referee = PeftReferee(model_dir, adapters, dtype=loaded.dtype)
     for i, req in enumerate(REQUESTS):

@@ -27,6 +27,7 @@ def test_health_ready_info(server):
     assert info["model_id"] == "tiny" and info["max_batch_size"] == 16 and info["has_chat_template"]
     assert (info["model_type"], info["task_type"]) == ("llama", "CAUSAL_LM")
     assert info["engine"] == "slots" and info["max_total_tokens"] >= 1
+    assert info["decode_attention"] in ("native", "sdpa") and isinstance(info["compiled_step"], bool)
 
 
 def test_metrics_count_requests_tokens_and_store(server):

@@ -200,12 +200,13 @@ template <typename T, typename Acc>
 bool attend_fast(const Work<T, Acc>&, const Acc*, std::vector<Acc>&, std::vector<Acc>&) { return false; }
 
 template <typename T, typename Acc>
-void slot_decode(const T* query, Strides qs, const T* new_keys, const T* new_values, Strides ns,
+void slot_decode(const T* query, Strides qs, const T* new_keys, Strides ks, const T* new_values, Strides vs,
                  T* keys, T* values, Strides ps, const int64_t* slots, const int64_t* positions,
                  const int64_t* prefix_keys, const int64_t* prefix_values, const int64_t* prefix_tokens,
                  int64_t layer, int64_t num_tokens, int64_t num_decode, int64_t num_heads, int64_t num_kv_heads,
                  int64_t head_dim, double scale, T* out, Strides os, int num_threads) {
-  // query [N, H, d] (qs: token, head); new_keys/values [N, KVH, d] (ns: token, head);
+  // query [N, H, d] (qs: token, head); new_keys/values [N, KVH, d] (ks/vs: token, head; each its own: a
+  // model may hand over keys made by a concatenation and values sliced from a fused projection);
   // keys/values pool [slots, KVH, tokens, d] (ps: slot, head, token); out [N, H, d] (os: token, head);
   // per decoding row, prefix_keys/values: the address of a contiguous [layers, KVH, n, d] copy of its first
   // n = prefix_tokens columns (0 and 0: none).
@@ -215,8 +216,8 @@ void slot_decode(const T* query, Strides qs, const T* new_keys, const T* new_val
     for (int64_t item = 0; item < num_tokens * num_kv_heads; ++item) {
       const int64_t t = item / num_kv_heads, h = item % num_kv_heads;
       const int64_t at = slots[t] * ps.a + h * ps.b + positions[t] * ps.c;
-      std::memcpy(keys + at, new_keys + t * ns.a + h * ns.b, head_dim * sizeof(T));
-      std::memcpy(values + at, new_values + t * ns.a + h * ns.b, head_dim * sizeof(T));
+      std::memcpy(keys + at, new_keys + t * ks.a + h * ks.b, head_dim * sizeof(T));
+      std::memcpy(values + at, new_values + t * vs.a + h * vs.b, head_dim * sizeof(T));
     }  // implicit barrier: every row's own new key is in place before anyone attends
     const int64_t group = num_heads / num_kv_heads;
     std::vector<Acc> q(group * head_dim), scores, acc;
@@ -243,15 +244,16 @@ void slot_decode(const T* query, Strides qs, const T* new_keys, const T* new_val
 }  // namespace
 
 #define SLOT_DECODE(NAME, T, ACC)                                                                          \
-  extern "C" void NAME(const void* query, const int64_t* qs, const void* new_keys, const void* new_values, \
-                       const int64_t* ns, void* keys, void* values, const int64_t* ps, const int64_t* slots,   \
+  extern "C" void NAME(const void* query, const int64_t* qs, const void* new_keys, const int64_t* ks,      \
+                       const void* new_values, const int64_t* vs, void* keys, void* values, const int64_t* ps, const int64_t* slots,   \
                        const int64_t* positions, const int64_t* prefix_keys, const int64_t* prefix_values,    \
                        const int64_t* prefix_tokens, int64_t layer,                                           \
                        int64_t num_tokens, int64_t num_decode, int64_t num_heads,                             \
                        int64_t num_kv_heads, int64_t head_dim, double scale, void* out, const int64_t* os,    \
                        int num_threads) {                                                                    \
     slot_decode<T, ACC>(static_cast<const T*>(query), {qs[0], qs[1], 0}, static_cast<const T*>(new_keys),    \
-                        static_cast<const T*>(new_values), {ns[0], ns[1], 0}, static_cast<T*>(keys),         \
+                        {ks[0], ks[1], 0}, static_cast<const T*>(new_values), {vs[0], vs[1], 0},             \
+                        static_cast<T*>(keys),                                                               \
                         static_cast<T*>(values), {ps[0], ps[1], ps[2]}, slots, positions, prefix_keys,       \
                         prefix_values, prefix_tokens, layer, num_tokens,                                     \
                         num_decode, num_heads, num_kv_heads, head_dim, scale, static_cast<T*>(out),          \

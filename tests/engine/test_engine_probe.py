@@ -1,0 +1,66 @@
+"""The start-up exactness probe can fail: a decode kernel or attention glue that loses a position is
+refused (the engine falls back, with a warning naming the reason), and the engine stays exact."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from server.engine import native_check, step_plan
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.model_loader import load_model
+
+
+class KernelDroppingPositionZero:
+    """A decode 'kernel' in torch that stores keys and values right but attends from position 1 on: the
+    kind of error a wrong stride or offset makes."""
+
+    @staticmethod
+    def covers(dtype, device) -> bool:
+        return True
+
+    def run(self, layer, query, new_keys, new_values, keys, values, slots, positions, shared, scale, out):
+        keys[slots, :, positions] = new_keys
+        values[slots, :, positions] = new_values
+        group = query.shape[1] // keys.shape[1]
+        for row in range(shared.num_decode):
+            cols = slice(1, int(positions[row]) + 1) if positions[row] > 0 else slice(0, 1)
+            k, v = keys[slots[row], :, cols], values[slots[row], :, cols]
+            attended = F.scaled_dot_product_attention(query[row, :, None], k.repeat_interleave(group, 0),
+                                                      v.repeat_interleave(group, 0), scale=scale)
+            out[row] = attended[:, 0]
+
+
+def test_a_kernel_that_drops_a_position_is_refused(engine_model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(native_check, "accept", lambda native, geometry: native)  # the probe alone decides
+    monkeypatch.setattr("server.engine.native_decode.load", lambda: KernelDroppingPositionZero())
+    loaded = load_model(str(engine_model_dir("llama")), device="cpu", dtype="float32")
+    with caplog.at_level(logging.WARNING):
+        engine = Engine(loaded, None, EngineConfig())
+    assert engine.describe() == {"engine": "slots", "decode_attention": "sdpa", "compiled_step": False}
+    assert "native decode kernel not used for this model (logits differ from the model's own attention" in caplog.text
+
+
+def test_glue_that_hides_a_position_sends_the_model_to_the_legacy_path(engine_model_dir, monkeypatch, caplog):
+    def hides_position_zero(chunk, device):
+        rows = torch.arange(chunk.num_tokens, device=device)[:, None] + chunk.start
+        cols = torch.arange(chunk.end, device=device)[None, :]
+        return (cols <= rows) & (cols > 0)
+
+    monkeypatch.setattr(step_plan, "_offset_causal_mask", hides_position_zero)  # later prefill chunks lose it
+    loaded = load_model(str(engine_model_dir("gpt2")), device="cpu", dtype="float32")
+    with caplog.at_level(logging.WARNING):
+        engine = Engine(loaded, None, EngineConfig(native_decode=False))
+    assert engine.describe()["engine"] == "legacy"
+    assert "engine: legacy path (logits differ from the model's own attention by" in caplog.text
+
+
+def test_the_probe_passes_exact_models_in_float64(engine_model_dir, caplog):
+    loaded = load_model(str(engine_model_dir("llama")), device="cpu", dtype="float64")
+    with caplog.at_level(logging.INFO, logger="server.engine.exactness_probe"):
+        engine = Engine(loaded, None, EngineConfig())
+    assert engine.describe()["engine"] == "slots"
+    assert "limit 1e-12" in caplog.text
