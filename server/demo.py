@@ -7,8 +7,6 @@ user's model folder takes (`save_pretrained` then `from_pretrained`).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -115,21 +113,7 @@ def build_model_folder(path: str | os.PathLike, *, family: str = DEMO_FAMILY, se
 
 def ensure_demo_model(cache_dir: str | os.PathLike | None = None) -> Path:
     """The demo model's folder, built once into the user's cache dir (atomic rename, safe to race)."""
-    if cache_dir is None:
-        import platformdirs
+    from server.cached_folder import build_once, default_cache_dir
 
-        cache_dir = platformdirs.user_cache_dir("promptserve")
-    final = Path(cache_dir) / f"demo-{DEMO_FAMILY}-v{DEMO_VERSION}"
-    if (final / "config.json").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=final.parent))
-    try:
-        build_model_folder(tmp, hidden_size=128, num_layers=2, num_heads=4)
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "config.json").exists():  # not a lost race: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = Path(cache_dir or default_cache_dir()) / f"demo-{DEMO_FAMILY}-v{DEMO_VERSION}"
+    return build_once(final, lambda tmp: build_model_folder(tmp, hidden_size=128, num_layers=2, num_heads=4))
