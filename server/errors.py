@@ -144,6 +144,8 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception the app can raise through `error_response`."""
-    for cls in (ApiError, RequestValidationError, StarletteHTTPException, Exception,
+    # OSError by name: Starlette re-raises what only the `Exception` handler caught (after answering), which
+    # drops the connection; a full disk is an answer (503), not a crash.
+    for cls in (ApiError, RequestValidationError, StarletteHTTPException, OSError, Exception,
                 *(c for c, _ in _SPECS)):
         app.add_exception_handler(cls, _handle)
