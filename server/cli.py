@@ -61,11 +61,17 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.auth import KeysFileError
     from server.graceful import GracefulServer
+    from server.model_source import ModelSourceError, locate
 
     try:
         settings = settings_from_args(args)
     except ValidationError as e:
         print(f"promptserve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    try:
+        locate(settings.model)  # a missing model fails here, in a line, not after the server starts
+    except ModelSourceError as e:
+        print(f"promptserve: {e}", file=sys.stderr)
         return 2
     if settings.replicas:
         _configure_logging(settings.log_level)
