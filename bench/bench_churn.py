@@ -1,4 +1,4 @@
-"""Churn: requests of very different lengths arriving and leaving all the time, the slot engine against
+"""Churn: requests of very different lengths arriving and leaving all the time, the paged engine against
 the legacy engine (the engine before v2: transformers' DynamicCache, whole-cache merge and select, no
 compile), in alternating rounds of one run.
 
@@ -7,10 +7,11 @@ virtual tokens (seeded). Prints per engine: generated tokens/s over the run, tim
 inter-token time p50/p99 (from the streamed tokens), and their ratios. Then one profiled round per engine
 (the steps driven on this thread, so torch.profiler sees them) prints the share of the run's wall time
 spent in cache copies: for the legacy engine the cache's own growth (`DynamicLayer.update`), merge and
-select; for the slot engine moving a slot on release and copying a task's KV in and out of the prefix cache.
+select; for the paged engine, which copies no cache, reading prefill chunks' contexts (views of a run of
+blocks, gathers of scattered ones).
 
 Run: python bench/bench_churn.py [--rounds 3] [--hidden 512 --layers 8] [--device cuda --dtype bf16]
-     [--stall-ratios 0,1.8 --skip-legacy]  (slot engine settings against each other)
+     [--stall-ratios 0,1.8 --skip-legacy]  (paged engine settings against each other)
 """
 
 from __future__ import annotations
@@ -86,10 +87,12 @@ def copy_share(engine, requests, interval: float, is_legacy: bool) -> float:
     from torch.profiler import ProfilerActivity, profile, record_function
     from transformers.cache_utils import DynamicLayer
 
-    from server.engine import kv_cache, kv_pool
+    from server.engine import kv_cache
+    from server.engine.paged.kv_memory import PagedKV
 
+    # The paged engine copies no cache: only the gathers of prefill chunks over scattered blocks remain.
     targets = ([(DynamicLayer, "update"), (kv_cache, "merge"), (kv_cache, "select")] if is_legacy else
-               [(kv_pool.KVPool, "release"), (kv_pool.KVPool, "load_prefix"), (kv_pool.KVPool, "save_prefix")])
+               [(PagedKV, "context")])
     with ExitStack() as undo:
         for owner, name in targets:
             original = getattr(owner, name)

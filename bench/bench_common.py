@@ -107,7 +107,7 @@ def make_engine(loaded, store, args: argparse.Namespace, *, legacy: bool = False
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
 
-    engine = Engine(loaded, store, EngineConfig(use_slots=not legacy, compile=not args.eager, **config))
+    engine = Engine(loaded, store, EngineConfig(use_paged=not legacy, compile=not args.eager, **config))
     seconds = engine.warm_up()
     if seconds > 1:
         print(f"  warm-up (compile) {seconds:.0f} s", flush=True)

@@ -54,12 +54,13 @@ def main() -> None:
     args = parse_args()
     loaded = prepare_model(args)
     store, tasks = make_store(loaded, args.tasks, 20)
-    engine = make_engine(loaded, store, args, max_batch_size=args.concurrency, prefix_cache_bytes=16 << 20)
+    engine = make_engine(loaded, store, args, max_batch_size=args.concurrency)
     rng, done, peak, next_report = random.Random(3), 0, [0], args.every
-    print(f"model {loaded.name}; KV pool {engine.pool.num_bytes / 2**20:.1f} MiB "
-          f"({engine.pool.num_slots} slots x {engine.pool.slot_tokens} tokens)")
-    print(f"{'requests':>9} {'RSS MiB':>8} {'KV MiB':>7} {'peak tokens in flight':>22} {'prefix entries':>15} "
-          f"{'prefix MiB':>10} {'slots used after':>17}")
+    memory = engine.memory
+    print(f"model {loaded.name}; KV memory {memory.num_bytes / 2**20:.1f} MiB "
+          f"({memory.num_blocks} blocks x {memory.block_tokens} tokens)")
+    print(f"{'requests':>9} {'RSS MiB':>8} {'KV MiB':>7} {'peak tokens in flight':>22} {'cached blocks':>14} "
+          f"{'hit tokens':>11} {'blocks used after':>18}")
     while done < args.requests:
         asyncio.run(_wave(engine, rng, tasks, min(args.concurrency, args.requests - done), loaded.vocab_size, peak))
         done += min(args.concurrency, args.requests - done)
@@ -67,7 +68,7 @@ def main() -> None:
             next_report += args.every
             kv = engine.stats().kv
             print(f"{done:>9} {rss_bytes() / 2**20:>8.1f} {kv.num_bytes / 2**20:>7.1f} {peak[0]:>22} "
-                  f"{kv.num_prefix_entries:>15} {kv.num_prefix_bytes / 2**20:>10.2f} {kv.num_slots_used:>17}",
+                  f"{kv.num_blocks_cached:>14} {kv.num_prefix_hit_tokens:>11} {kv.num_blocks_used:>18}",
                   flush=True)
             peak[0] = 0
     engine.stop(grace_s=1)

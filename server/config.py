@@ -34,9 +34,13 @@ class Settings(BaseSettings):
                                                                  "virtual + input + new (default: the "
                                                                  "model's limit)")
     kv_cache_memory: float | None = Field(None, gt=0, description="KV memory of the engine: bytes (> 1), or a "
-                                                                  "fraction of free device memory (<= 1); "
-                                                                  "default: max-batch-size full contexts, "
-                                                                  "within half the free memory")
+                                                                  "fraction of free device memory (<= 1); it "
+                                                                  "bounds tokens in flight, not rows; default: "
+                                                                  "max-batch-size full contexts, within half "
+                                                                  "the free memory and, on the CPU, 1 GiB")
+    kv_block_tokens: int = Field(16, ge=1, le=1024, description="Context positions per KV block (a power of "
+                                                                "two): the unit of KV memory and of prefix "
+                                                                "sharing")
     prefill_chunk_tokens: int = Field(128, ge=1, description="Most prompt tokens computed in one engine step; "
                                                              "longer prompts continue over the next steps "
                                                              "while running requests keep decoding")
@@ -52,8 +56,9 @@ class Settings(BaseSettings):
                                                         "keep arriving within this many ms of each other (at "
                                                         "most 10 waits), so that a burst starts in one step; "
                                                         "0: off")
-    prefix_cache_bytes: int = Field(256 << 20, ge=0, description="Memory for tasks' virtual-token KV, computed "
-                                                                 "once per task version and reused; 0: off")
+    prefix_caching: bool = Field(True, description="Share full KV blocks of a common prefix (a task's virtual "
+                                                   "tokens, then the same text) between requests of one task "
+                                                   "version: computed once, kept while memory allows")
     compile: bool = Field(True, description="torch.compile the model's step (warm-up before /ready); "
                                             "--no-compile runs it eagerly, for debugging")
     prepack_weights: bool = Field(True, description="On CPU, also keep every linear weight in oneDNN's blocked "

@@ -133,7 +133,8 @@ class _LiveCollector:
                                     value=s.num_running)
             yield CounterMetricFamily("promptserve_engine_steps", "Engine steps", value=s.num_steps)
             yield CounterMetricFamily("promptserve_engine_preemptions", "Running requests whose row went to a "
-                                      "less served tenant (recomputed when admitted again)", value=s.num_preempted)
+                                      "less served tenant, or whose KV blocks others needed (recomputed when "
+                                      "admitted again)", value=s.num_preempted)
             yield GaugeMetricFamily("promptserve_engine_running", "1 while the engine loop runs",
                                     value=float(s.is_running))
             if s.kv is not None:
@@ -145,15 +146,14 @@ class _LiveCollector:
 
 _KV_METRICS = (  # (name, help, KVStats field, is_counter)
     ("kv_cache_bytes", "KV memory allocated (once, at start)", "num_bytes", False),
-    ("kv_cache_slots", "KV slots (one per batch row)", "num_slots", False),
-    ("kv_cache_slots_used", "KV slots held by running requests", "num_slots_used", False),
-    ("kv_cache_slot_tokens", "Context positions one slot holds", "slot_tokens", False),
+    ("kv_cache_blocks", "KV blocks in all", "num_blocks", False),
+    ("kv_cache_block_tokens", "Context positions one KV block holds", "block_tokens", False),
+    ("kv_cache_blocks_used", "KV blocks held by running requests", "num_blocks_used", False),
+    ("kv_cache_blocks_cached", "KV blocks registered for prefix sharing (held or free)", "num_blocks_cached", False),
     ("kv_cache_tokens_used", "Context positions held by running requests", "num_tokens_used", False),
-    ("prefix_cache_hits", "Requests that started from their task's cached virtual-token KV", "num_prefix_hits", True),
-    ("prefix_cache_misses", "Requests that computed their task's virtual-token KV", "num_prefix_misses", True),
-    ("prefix_cache_evictions", "Virtual-token KV entries evicted to fit the budget", "num_prefix_evictions", True),
-    ("prefix_cache_entries", "Tasks whose virtual-token KV is cached", "num_prefix_entries", False),
-    ("prefix_cache_bytes", "Memory held by cached virtual-token KV", "num_prefix_bytes", False),
+    ("prefix_cache_prompt_tokens", "Context tokens of admitted requests", "num_prompt_tokens", True),
+    ("prefix_cache_hit_tokens", "Context tokens of admitted requests found in cached KV blocks",
+     "num_prefix_hit_tokens", True),
 )
 
 

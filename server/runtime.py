@@ -74,6 +74,7 @@ def engine_config(settings: Settings, loaded: Any):
                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
                         max_stall_ratio=settings.max_stall_ratio, idle_prefill_tokens=settings.idle_prefill_tokens,
                         burst_wait_s=settings.burst_wait_ms / 1e3,
-                        prefix_cache_bytes=settings.prefix_cache_bytes, compile=settings.compile,
+                        kv_block_tokens=settings.kv_block_tokens, prefix_caching=settings.prefix_caching,
+                        compile=settings.compile,
                         prepack_weights=settings.prepack_weights, fair_share=settings.fair_share,
                         preempt_after_steps=settings.preempt_after_steps)

@@ -49,8 +49,8 @@ async def info(runtime: Runtime = Depends(get_runtime)) -> dict:
     s = runtime.settings
     engine = runtime.engine
     max_total = engine.config.max_total_tokens
-    if engine.pool is not None:  # a KV budget smaller than full contexts lowers the limit
-        max_total = min(max_total, engine.pool.slot_tokens)
+    if engine.memory is not None:  # a request must fit in KV memory alone
+        max_total = min(max_total, engine.memory.num_tokens)
     return {
         "model_id": runtime.model_name, "model_path": runtime.loaded.name, "device": str(runtime.loaded.device),
         "dtype": str(runtime.loaded.dtype).removeprefix("torch."), "hidden_size": runtime.loaded.hidden_size,

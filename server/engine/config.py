@@ -15,7 +15,7 @@ class EngineConfig:
     max_new_tokens: int = 512  # upper bound of SamplingParams.max_new_tokens
     max_total_tokens: int = 2048  # virtual + input + new tokens of one request (capped by the model)
     max_prefill_tokens: int = 4096  # legacy path: padded tokens (rows x longest row) in one prefill step
-    # Slot engine (causal models): prompt tokens computed in one step; longer prompts continue next step.
+    # Paged engine (causal models): prompt tokens computed in one step; longer prompts continue next step.
     prefill_chunk_tokens: int = 128  # the server's default too (--prefill-chunk-tokens)
     idle_prefill_tokens: int = 2048  # the same, in a step where no request is decoding (no next token waits)
     # A step that prefills while rows decode takes at most this multiple of a decode-only step (estimated
@@ -24,14 +24,15 @@ class EngineConfig:
     # KV memory: bytes (> 1), or a fraction of the device's free memory (0 < x <= 1); None: enough for
     # max_batch_size full contexts, within half the free memory.
     kv_cache_memory: float | None = None
-    prefix_cache_bytes: int = 256 << 20  # tasks' virtual-token KV kept for reuse; 0 disables it
-    use_slots: bool = True  # False: every model takes the legacy path (debugging, comparisons)
-    compile: bool = False  # slot engine: torch.compile the model's step (the server turns it on)
-    native_decode: bool = True  # slot engine on CPU: the native decode kernel (native_decode.py) where it builds
-    prepack_weights: bool = True  # slot engine on CPU: linear weights also kept in oneDNN's layout (packed_linear.py)
+    kv_block_tokens: int = 16  # paged engine: positions per KV block (a power of two)
+    prefix_caching: bool = True  # paged engine: full blocks shared by content between requests
+    use_paged: bool = True  # False: every model takes the legacy path (debugging, comparisons)
+    compile: bool = False  # paged engine: torch.compile the model's step (the server turns it on)
+    native_decode: bool = True  # paged engine on CPU: the native decode kernel (paged/cpu) where it builds
+    prepack_weights: bool = True  # paged engine on CPU: linear weights also kept in oneDNN's layout
     fair_share: bool = True  # admission by tenants' weighted token shares; False: first in, first out
-    # Slot engine with fair share: a least-served tenant's request that waited this many steps with every
-    # slot busy takes a row from a more served tenant (recomputed when it runs again); 0: never preempt.
+    # Paged engine with fair share: a least-served tenant's request that waited this many steps with every
+    # row busy takes a row from a more served tenant (recomputed when it runs again); 0: never preempt.
     preempt_after_steps: int = 32
     max_stop_sequences: int = 8
     max_stop_length: int = 256  # characters in one stop sequence
@@ -51,5 +52,5 @@ class EngineConfig:
             raise ValueError("EngineConfig.burst_wait_s must be >= 0")
         if self.preempt_after_steps < 0:
             raise ValueError("EngineConfig.preempt_after_steps must be >= 0 (0: never preempt)")
-        if self.prefix_cache_bytes < 0:
-            raise ValueError("EngineConfig.prefix_cache_bytes must be >= 0")
+        if self.kv_block_tokens < 1 or self.kv_block_tokens & (self.kv_block_tokens - 1):
+            raise ValueError("EngineConfig.kv_block_tokens must be a power of two")

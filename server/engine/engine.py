@@ -13,24 +13,23 @@ from typing import Any
 
 import torch
 
-from server.engine import native_decode, validation
+from server.engine import validation
 from server.engine.config import EngineConfig
 from server.engine.errors import EngineStopped
 from server.engine.faults import FaultInjector
-from server.engine.kv_budget import size_pool
-from server.engine.kv_pool import KVPool
 from server.engine.model_loader import LoadedModel
 from server.engine.outbox import Outbox
-from server.engine.prefix_cache import PrefixCache
+from server.engine.paged.kv_memory import PagedKV
+from server.engine.paged.open import open_paged_worker, probe_step
+from server.engine.paged.runner import warm_up
+from server.engine.paged.worker import PagedWorker
 from server.engine.runner import ModelRunner
 from server.engine.runner_seq2seq import Seq2SeqRunner
-from server.engine.runner_slots import open_slot_runner, probe_step, warm_up
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.stream import RequestStream
 from server.engine.types import NO_SHARE, EngineStats, KVStats, SamplingParams, Share
 from server.engine.worker import LogitsTap, Worker
-from server.engine.worker_slots import SlotWorker
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,6 @@ class Engine:
         self.fault_injector = FaultInjector()
         self._scheduler = Scheduler(self.config)
         self._outbox = Outbox()
-        self.prefixes = PrefixCache(self.config.prefix_cache_bytes)
-        self.pool: KVPool | None = None  # the slot engine's KV memory (None on the legacy path)
         self._worker = self._make_worker(store.release if store is not None else (lambda prompt: None))
         self._wake = threading.Condition()
         self._accept_lock = threading.Lock()  # is_accepting flips and queue additions do not interleave
@@ -55,27 +52,22 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._side_work: Any = None  # set_side_work(): training slices between steps
 
-    def _make_worker(self, release) -> Worker | SlotWorker:
-        """The slot engine when the model can run on it, else the legacy path (see runner_slots)."""
-        model, config = self.loaded.model, self.config
-        runner = None
-        if config.use_slots and not self.loaded.is_encoder_decoder:
-            native = native_decode.load() if config.native_decode else None
-            runner = open_slot_runner(model, self.fault_injector, native, prepack=config.prepack_weights)
-        if runner is None:
+    def _make_worker(self, release) -> Worker | PagedWorker:
+        """The paged engine when the model can run on it, else the legacy path (see paged/open.py)."""
+        worker = None
+        if self.config.use_paged and not self.loaded.is_encoder_decoder:
+            worker = open_paged_worker(self.loaded, self.fault_injector, self._scheduler, self.config, release,
+                                       self._outbox.flush)
+        if worker is None:
             runner_type = Seq2SeqRunner if self.loaded.is_encoder_decoder else ModelRunner
-            return Worker(runner_type(model, self.fault_injector), self._scheduler, release, self._outbox.flush)
-        max_context = config.max_total_tokens
-        if self.loaded.max_positions is not None:
-            max_context = min(max_context, self.loaded.max_positions)
-        size = size_pool(runner.geometry, config.max_batch_size, max_context, config.kv_cache_memory)
-        self.pool = KVPool(runner.geometry, size.num_slots, size.slot_tokens, runner.native)
-        log.info("KV pool: %d slots x %d tokens = %.1f MiB; decode attention: %s", size.num_slots,
-                 size.slot_tokens, self.pool.num_bytes / 2**20, "native" if self.pool.has_native_decode else "SDPA")
-        worker = SlotWorker(runner, self._scheduler, self.pool, self.prefixes, config, release, self._outbox.flush)
-        if config.compile:
-            runner.compile()
+            return Worker(runner_type(self.loaded.model, self.fault_injector), self._scheduler, release,
+                          self._outbox.flush)
         return worker
+
+    @property
+    def memory(self) -> PagedKV | None:
+        """The paged engine's KV memory (None on the legacy path)."""
+        return self._worker.memory if isinstance(self._worker, PagedWorker) else None
 
     def is_alive(self) -> bool:
         """Whether the worker thread is running (a replica's health check)."""
@@ -84,7 +76,7 @@ class Engine:
     def warm_up(self) -> float:
         """Run representative steps once (the compiled step compiles here); returns the seconds taken.
         Call before start(); the server does so before /ready."""
-        if self.pool is None:
+        if self.memory is None:
             return 0.0
         started = time.monotonic()
         runner = self._worker.runner
@@ -103,11 +95,13 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """How requests are computed (for /info): the KV path, the decode attention, a compiled step."""
-        if self.pool is None:
+        memory = self.memory
+        if memory is None:
             path = "seq2seq" if self.loaded.is_encoder_decoder else "legacy"
             return {"engine": path, "decode_attention": "transformers", "compiled_step": False}
-        return {"engine": "slots", "decode_attention": "native" if self.pool.has_native_decode else "sdpa",
-                "compiled_step": self._worker.runner.is_compiled}
+        return {"engine": "paged", "decode_attention": "native" if memory.has_native_decode else "sdpa",
+                "compiled_step": self._worker.runner.is_compiled, "kv_block_tokens": memory.block_tokens,
+                "kv_pool_tokens": memory.num_tokens}
 
     def set_side_work(self, work: Any) -> None:
         """Work the engine's thread does between inference steps (training): `work.has_work()` says whether
@@ -121,8 +115,9 @@ class Engine:
             self._wake.notify_all()
 
     def forget_task(self, task_id: str) -> None:
-        """A task was deleted or replaced: drop its cached virtual-token KV."""
-        self.prefixes.forget(task_id)
+        """A task was deleted or replaced: drop its cached KV blocks."""
+        if isinstance(self._worker, PagedWorker):
+            self._worker.forget_task(task_id)
 
     @property
     def tokenizer(self) -> Any:
@@ -202,7 +197,7 @@ class Engine:
             num_virtual = prompt.num_virtual_tokens
         validation.check_context(num_virtual, len(ids), params.max_new_tokens, self.config,
                                  self.loaded.max_positions, self.loaded.is_encoder_decoder,
-                                 None if self.pool is None else self.pool.slot_tokens)
+                                 None if self.memory is None else self.memory.num_tokens)
         seed = params.seed if params.seed is not None or not params.do_sample else secrets.randbits(63)
         stream = RequestStream(request_id, asyncio.get_running_loop(), self._outbox,
                                num_prompt_tokens=len(ids), num_virtual_tokens=num_virtual)
@@ -237,12 +232,13 @@ class Engine:
                            kv=self._kv_stats())
 
     def _kv_stats(self) -> KVStats | None:
-        if self.pool is None:
+        worker = self._worker
+        if not isinstance(worker, PagedWorker):
             return None
+        blocks, memory = worker.blocks, worker.memory
         used = sum(s.num_cached for s in self._scheduler.running())
-        p = self.prefixes.stats()
-        return KVStats(self.pool.num_slots, self.pool.num_used, self.pool.slot_tokens, self.pool.num_bytes, used,
-                       p.num_hits, p.num_misses, p.num_evictions, p.num_entries, p.num_bytes)
+        return KVStats(blocks.num_blocks, memory.block_tokens, blocks.num_used, blocks.num_cached, memory.num_bytes,
+                       used, worker.prefix.num_prompt_tokens, worker.prefix.num_hit_tokens)
 
     def _gather_burst(self) -> None:
         """Work arrived at an idle engine: while more requests keep arriving (each within `burst_wait_s` of

@@ -137,6 +137,11 @@ class FairShare:
         top = max(self._tenants[s.tenant].counter for s in over)
         return [s for s in over if self._tenants[s.tenant].counter == top][-1]
 
+    def last_ranked(self, running: list[Queued]) -> Queued:
+        """The running request fair share ranks last: the latest admitted of the most served tenant."""
+        top = max(self._tenants[s.tenant].counter for s in running)
+        return [s for s in running if self._tenants[s.tenant].counter == top][-1]
+
     def counter(self, tenant: str) -> float:
         """Tokens served to `tenant` per unit of weight (for tests and metrics)."""
         found = self._tenants.get(tenant)

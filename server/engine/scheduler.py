@@ -11,6 +11,12 @@ from server.engine.fair_share import FairShare
 from server.engine.sequence import Sequence, Status
 
 
+# What the paged worker says of a request it may admit (Scheduler.admit_slots).
+ADMIT = "admit"  # placed: it runs from this step
+DEFER = "defer"  # not now (its shared prefix is being computed): look at the next one, keep its place
+STOP = "stop"  # no memory for it: admit nobody else this step (the next in fair order is not overtaken)
+
+
 class Scheduler:
     """Admission: each step takes waiting requests while the batch (and legacy prefill) budgets allow, the
     least served tenant's first (fair_share.py); with one tenant, or fair share off, first in first out."""
@@ -87,10 +93,11 @@ class Scheduler:
                 longest = longest_if
         return self._start(admitted)
 
-    def admit_slots(self, num_free: int, is_ready: Callable[[Sequence], bool]) -> list[Sequence]:
-        """Slot engine: move up to `num_free` waiting requests to running, in fair order, passing over
-        those `is_ready` defers (they keep their place). `is_ready` is asked only of a request that will
-        be admitted if it says yes. Chunked prefill bounds the step, so no prefill budget applies here."""
+    def admit_slots(self, num_free: int, is_ready: Callable[[Sequence], str]) -> list[Sequence]:
+        """Paged engine: move up to `num_free` waiting requests to running, in fair order. `is_ready` is
+        asked only of a request that will be admitted if it says ADMIT; DEFER passes over it (it keeps its
+        place), STOP ends this step's admissions. Chunked prefill bounds the step, so no prefill budget
+        applies here."""
         admitted: list[Sequence] = []
         deferred: set[int] = set()
         self._num_admissions += 1
@@ -127,6 +134,19 @@ class Scheduler:
         seq.status = Status.WAITING
         return seq
 
+    def preempt_for_memory(self) -> Sequence | None:
+        """Paged engine, out of KV blocks: the running request fair share ranks last goes back to the head
+        of its tenant's queue (the caller frees its blocks). None when nothing runs."""
+        with self._lock:
+            if not self._running:
+                return None
+            self._fair.charge(self._running)
+            seq = self._fair.last_ranked(self._running)
+            self._fair.requeue(seq)
+        self._running = [s for s in self._running if s is not seq]
+        seq.status = Status.WAITING
+        return seq
+
     def take_cancelled(self) -> list[Sequence]:
         """Remove and return every request whose cancellation was asked for."""
         with self._lock:
@@ -155,12 +175,15 @@ class Scheduler:
             self._running = []
         return everything
 
-    def _next_ready(self, is_ready: Callable[[Sequence], bool], deferred: set[int]) -> Sequence | None:
+    def _next_ready(self, is_ready: Callable[[Sequence], str], deferred: set[int]) -> Sequence | None:
         for seq in self._fair.candidates():
             if id(seq) in deferred:
                 continue
-            if is_ready(seq):
+            verdict = is_ready(seq)
+            if verdict == ADMIT:
                 return seq
+            if verdict == STOP:
+                return None
             deferred.add(id(seq))
         return None
 

@@ -70,9 +70,13 @@ class Sequence:
     finish_reason: str | None = None
     is_cancel_requested: bool = False  # set from any thread; read by the worker at each step
     is_prompt_released: bool = False  # the store's pin was given back (exactly once)
-    slot: int | None = None  # slot engine: the KV slot the request owns while running
-    num_cached: int = 0  # slot engine: context positions whose keys and values are in the slot
-    shared_prefix: Any = None  # slot engine: its task's cached virtual-token KV (a PrefixKV), held while it runs
+    # Paged engine: the KV blocks it holds while running (position p in block_table[p // block size]),
+    # context positions whose keys and values are in them, the prefix hash chain of its full blocks, and
+    # how many of those are registered for sharing.
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_committed: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -90,6 +94,11 @@ class Sequence:
     def num_context_tokens(self) -> int:
         """Virtual + prompt + generated tokens: the row's length, and the next token's position."""
         return self.num_virtual_tokens + len(self.prompt_ids) + len(self.generated)
+
+    @property
+    def context_ids(self) -> list[int]:
+        """Prompt and generated token ids (the context after the virtual tokens)."""
+        return self.prompt_ids + self.generated
 
     @property
     def is_finished(self) -> bool:

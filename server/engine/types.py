@@ -90,22 +90,20 @@ class EngineStats:
     num_finished: int
     num_failed: int = 0
     num_cancelled: int = 0
-    num_preempted: int = 0  # rows given to a less served tenant's request (fair share)
+    num_preempted: int = 0  # rows given to a less served tenant's request (fair share), or out of KV blocks
     num_generated_tokens: int = 0
-    kv: KVStats | None = None  # the slot engine's KV memory (None on the legacy path)
+    kv: KVStats | None = None  # the paged engine's KV memory (None on the legacy path)
 
 
 @dataclass(frozen=True)
 class KVStats:
-    """KV memory and the tasks' virtual-token KV cache."""
+    """The paged engine's KV memory and its prefix cache."""
 
-    num_slots: int
-    num_slots_used: int
-    slot_tokens: int
+    num_blocks: int
+    block_tokens: int
+    num_blocks_used: int  # held by running requests
+    num_blocks_cached: int  # holding a full block registered for sharing (held or free)
     num_bytes: int  # allocated once, at start
     num_tokens_used: int  # context positions held by running requests
-    num_prefix_hits: int
-    num_prefix_misses: int
-    num_prefix_evictions: int
-    num_prefix_entries: int
-    num_prefix_bytes: int
+    num_prompt_tokens: int  # context tokens of admitted requests (counted at each admission)
+    num_prefix_hit_tokens: int  # of those, found in cached blocks (not computed)

@@ -74,10 +74,11 @@ def check_prompt(prompt: Any, hidden_size: int, task_type: str = CAUSAL_LM) -> N
 
 
 def check_context(num_virtual: int, num_ids: int, max_new: int, config: EngineConfig,
-                  max_positions: int | None, is_encoder_decoder: bool = False, slot_tokens: int | None = None) -> None:
+                  max_positions: int | None, is_encoder_decoder: bool = False, kv_tokens: int | None = None) -> None:
     """Virtual + input + new tokens against max_total_tokens and the model's position tables (causal: one
     context; encoder-decoder: the encoder's virtual + input tokens and the decoder's new tokens apart).
-    The slot engine (`slot_tokens` given) also bounds the context by its KV slot, and chunks prefills."""
+    The paged engine (`kv_tokens` given: its whole KV memory) also refuses a request that could never fit
+    in it, even alone, and chunks prefills."""
     total = num_virtual + num_ids + max_new
     if is_encoder_decoder:
         limit = config.max_total_tokens
@@ -88,11 +89,13 @@ def check_context(num_virtual: int, num_ids: int, max_new: int, config: EngineCo
             raise InputTooLong(f"max_new_tokens {max_new} exceeds the decoder's {max_positions} positions")
     else:
         limit = config.max_total_tokens if max_positions is None else min(config.max_total_tokens, max_positions)
-    if slot_tokens is not None and slot_tokens < limit:
-        limit = slot_tokens  # the KV budget's slot size (--kv-cache-memory)
     if total > limit:
         raise InputTooLong(f"{num_virtual} virtual + {num_ids} input + {max_new} new tokens = {total} "
                            f"exceed the context limit {limit}")
-    if slot_tokens is None and num_virtual + num_ids > config.max_prefill_tokens:
+    if kv_tokens is not None and total > kv_tokens:
+        raise InputTooLong(f"{num_virtual} virtual + {num_ids} input + {max_new} new tokens = {total} could "
+                           f"never fit in the server's KV memory of {kv_tokens} tokens (--kv-cache-memory); "
+                           "ask for fewer tokens")
+    if kv_tokens is None and num_virtual + num_ids > config.max_prefill_tokens:
         raise InputTooLong(f"{num_virtual + num_ids} prompt tokens exceed max_prefill_tokens "
                            f"{config.max_prefill_tokens}")

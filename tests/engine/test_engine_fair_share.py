@@ -11,7 +11,7 @@ import pytest
 from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull
 from server.engine.fair_share import FairShare
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import ADMIT, Scheduler
 from server.engine.sequence import Sequence
 from server.engine.types import SamplingParams
 
@@ -40,7 +40,7 @@ class Sim:
         victim = self.sched.preempt_for_waiting(self.num_slots - self.sched.num_running)
         if victim is not None:
             self.preempted.append(victim.request_id)
-        admitted = self.sched.admit_slots(self.num_slots - self.sched.num_running, lambda s: True)
+        admitted = self.sched.admit_slots(self.num_slots - self.sched.num_running, lambda s: ADMIT)
         self.num_running_after_admission.append(self.sched.num_running)
         for seq in admitted:
             self.admitted_at.setdefault(seq.request_id, self.num_steps)
@@ -177,13 +177,13 @@ def test_cancel_and_finish_count_a_request_once():
     a, b = _seq("a0", "a"), _seq("b0", "b")
     sched.add(a)
     sched.add(b)
-    sched.admit_slots(2, lambda s: True)
+    sched.admit_slots(2, lambda s: ADMIT)
     a.is_cancel_requested = True
     assert sched.take_cancelled() == [a]
     sched.finish([a])  # the worker finishes what it cancelled: no second leave
     c = _seq("a1", "a")
     sched.add(c)
-    assert sched.admit_slots(1, lambda s: True) == [c]
+    assert sched.admit_slots(1, lambda s: ADMIT) == [c]
 
 
 @pytest.mark.parametrize("after", [0, 8])

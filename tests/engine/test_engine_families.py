@@ -12,7 +12,7 @@ from server.engine.config import EngineConfig
 from tests.engine.model_families import FAMILIES, family_config
 from tests.engine.test_engine_parity import _check_parity
 
-# The families the slot path cannot express yet, served exactly by the legacy DynamicCache path: the
+# The families the paged path cannot express yet, served exactly by the legacy DynamicCache path: the
 # attention glue computes neither ALiBi, windows nor soft-capping, and GPT-J's, Falcon's and StableLM's
 # attention does not go through transformers' AttentionInterface (transformers 5.23).
 LEGACY = {"bloom": "ALiBi", "falcon_alibi": "ALiBi", "gptj": "no AttentionInterface",
@@ -38,4 +38,4 @@ def _model_dir(name: str, tokenizer, folder, **overrides):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_matches_peft_alone(name, tokenizer, tmp_path):
     engine = _check_parity(_model_dir(name, tokenizer, tmp_path / "model"), tmp_path, EngineConfig(max_batch_size=16))
-    assert engine.describe()["engine"] == ("legacy" if name in LEGACY else "slots"), engine.describe()
+    assert engine.describe()["engine"] == ("legacy" if name in LEGACY else "paged"), engine.describe()

@@ -1,8 +1,9 @@
 """Parity with real PEFT: a mixed batch of tasks (different n, prompt lengths, arrival steps, one bare
 request) gives each request what PEFT gives it alone: greedy tokens identical, logits within 1e-4 in
 float32; in float64, where only the algorithm can differ, within 1e-9. Checked for the default engine, with
-the tasks' virtual-token KV cache on and off, with prefill chunks that end inside the virtual tokens and
-inside the text, with the compiled step, and with decode attention in the native kernel and in SDPA."""
+prefix caching on and off (blocks of 4 and of 16), with prefill chunks that end inside the virtual tokens,
+inside blocks and inside the text, with the compiled step, and with decode attention in the native kernel
+and in SDPA."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from server.engine import native_decode
+from server.engine.paged.cpu import native_decode
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.types import SamplingParams
@@ -116,35 +117,53 @@ def _check_parity(model_dir, tmp_path, config: EngineConfig, dtype: str = "float
     return engine
 
 
+def expected_hit_tokens(tokenizer, block_tokens: int) -> int:
+    """Context tokens the prefix cache should serve REQUESTS: each later request of a task shares, with the
+    task's earlier ones, the full blocks of their common leading context (virtual tokens, then token ids),
+    never its own last position."""
+    seen: dict[str | None, list[list[int]]] = {}
+    hits = 0
+    for req in REQUESTS:
+        names = [-(i + 1) for i in range(NUM_VIRTUAL.get(req.task_id, 0))] + tokenizer(req.text)["input_ids"]
+        common = 0
+        for earlier in seen.get(req.task_id, []):
+            same = next((i for i, (a, b) in enumerate(zip(names, earlier)) if a != b), min(len(names), len(earlier)))
+            common = max(common, same)
+        hits += min(common, len(names) - 1) // block_tokens * block_tokens
+        seen.setdefault(req.task_id, []).append(names)
+    return hits
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_batch_matches_peft_alone(family, engine_model_dir, tmp_path):
-    engine = _check_parity(engine_model_dir(family), tmp_path, EngineConfig(max_batch_size=16))
-    assert (engine.pool is None) == (family == "bloom")  # BLOOM (ALiBi) keeps the legacy path
-    if engine.pool is not None:  # decode attention in the native kernel wherever it builds
-        assert engine.pool.has_native_decode == (native_decode.load() is not None)
-    if engine.pool is not None:  # later requests of a task started from its cached virtual-token KV
-        kv = engine.stats().kv
-        assert (kv.num_prefix_hits, kv.num_prefix_misses) == (4, 4)
+    """Blocks of 4: the tasks' virtual tokens (n = 4, 7, 12) fill blocks that their later requests share."""
+    engine = _check_parity(engine_model_dir(family), tmp_path, EngineConfig(max_batch_size=16, kv_block_tokens=4))
+    assert (engine.memory is None) == (family == "bloom")  # BLOOM (ALiBi) keeps the legacy path
+    if engine.memory is not None:  # decode attention in the native kernel wherever it builds
+        assert engine.memory.has_native_decode == (native_decode.load() is not None)
+        kv = engine.stats().kv  # later requests of a task started from its cached blocks
+        assert kv.num_prefix_hit_tokens == expected_hit_tokens(engine.tokenizer, 4) > 0
 
 
-SLOT_FAMILIES = [f for f in FAMILIES if f != "bloom"]
+PAGED_FAMILIES = [f for f in FAMILIES if f != "bloom"]
 
 
-@pytest.mark.parametrize("family", SLOT_FAMILIES)
-@pytest.mark.parametrize("chunk,prefix_bytes", [(3, 1 << 20), (5, 0)], ids=["chunk3-prefix", "chunk5-noprefix"])
-def test_chunked_prefill_and_prefix_cache_match_peft(family, chunk, prefix_bytes, engine_model_dir, tmp_path):
-    """Chunks of 3 or 5 tokens end inside the virtual tokens (n = 4, 7, 12) and inside the text."""
-    config = EngineConfig(max_batch_size=16, prefill_chunk_tokens=chunk, prefix_cache_bytes=prefix_bytes)
-    kv = _check_parity(engine_model_dir(family), tmp_path, config).stats().kv
-    assert kv.num_prefix_hits == (4 if prefix_bytes else 0)
+@pytest.mark.parametrize("family", PAGED_FAMILIES)
+@pytest.mark.parametrize("chunk,caching", [(3, True), (5, False)], ids=["chunk3-prefix", "chunk5-noprefix"])
+def test_chunked_prefill_and_prefix_cache_match_peft(family, chunk, caching, engine_model_dir, tmp_path):
+    """Chunks of 3 or 5 tokens end inside the virtual tokens (n = 4, 7, 12), inside blocks of 4 and inside
+    the text."""
+    config = EngineConfig(max_batch_size=16, prefill_chunk_tokens=chunk, prefix_caching=caching, kv_block_tokens=4)
+    engine = _check_parity(engine_model_dir(family), tmp_path, config)
+    assert engine.stats().kv.num_prefix_hit_tokens == (expected_hit_tokens(engine.tokenizer, 4) if caching else 0)
 
 
-@pytest.mark.parametrize("family", SLOT_FAMILIES)
+@pytest.mark.parametrize("family", PAGED_FAMILIES)
 def test_sdpa_decode_matches_peft(family, engine_model_dir, tmp_path):
     """Decode attention through SDPA: the path where the native kernel is not built (no compiler, float16,
     GPUs)."""
     engine = _check_parity(engine_model_dir(family), tmp_path, EngineConfig(max_batch_size=16, native_decode=False))
-    assert not engine.pool.has_native_decode
+    assert not engine.memory.has_native_decode
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "sdpa"])

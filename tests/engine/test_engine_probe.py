@@ -8,7 +8,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from server.engine import native_check, step_plan
+from server.engine.paged import step_plan
+from server.engine.paged.cpu import native_check
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.model_loader import load_model
@@ -22,13 +23,15 @@ class KernelDroppingPositionZero:
     def covers(dtype, device) -> bool:
         return True
 
-    def run(self, layer, query, new_keys, new_values, keys, values, slots, positions, shared, scale, out):
-        keys[slots, :, positions] = new_keys
-        values[slots, :, positions] = new_values
-        group = query.shape[1] // keys.shape[1]
-        for row in range(shared.num_decode):
-            cols = slice(1, int(positions[row]) + 1) if positions[row] > 0 else slice(0, 1)
-            k, v = keys[slots[row], :, cols], values[slots[row], :, cols]
+    def run(self, query, new_keys, new_values, keys, values, write_rows, reads, scale, out):
+        keys[:, write_rows] = new_keys.transpose(0, 1)
+        values[:, write_rows] = new_values.transpose(0, 1)
+        group = query.shape[1] // keys.shape[0]
+        size = 1 << reads.block_shift
+        for row in range(reads.num_decode):
+            length = int(reads.lengths[row])
+            rows = [int(reads.tables[row, p // size]) * size + p % size for p in range(min(1, length - 1), length)]
+            k, v = keys[:, rows], values[:, rows]
             attended = F.scaled_dot_product_attention(query[row, :, None], k.repeat_interleave(group, 0),
                                                       v.repeat_interleave(group, 0), scale=scale)
             out[row] = attended[:, 0]
@@ -36,11 +39,11 @@ class KernelDroppingPositionZero:
 
 def test_a_kernel_that_drops_a_position_is_refused(engine_model_dir, monkeypatch, caplog):
     monkeypatch.setattr(native_check, "accept", lambda native, geometry: native)  # the probe alone decides
-    monkeypatch.setattr("server.engine.native_decode.load", lambda: KernelDroppingPositionZero())
+    monkeypatch.setattr("server.engine.paged.cpu.native_decode.load", lambda: KernelDroppingPositionZero())
     loaded = load_model(str(engine_model_dir("llama")), device="cpu", dtype="float32")
     with caplog.at_level(logging.WARNING):
         engine = Engine(loaded, None, EngineConfig())
-    assert engine.describe() == {"engine": "slots", "decode_attention": "sdpa", "compiled_step": False}
+    assert (engine.describe()["engine"], engine.describe()["decode_attention"]) == ("paged", "sdpa")
     assert "native decode kernel not used for this model (logits differ from the model's own attention" in caplog.text
 
 
@@ -60,7 +63,7 @@ def test_glue_that_hides_a_position_sends_the_model_to_the_legacy_path(engine_mo
 
 def test_the_probe_passes_exact_models_in_float64(engine_model_dir, caplog):
     loaded = load_model(str(engine_model_dir("llama")), device="cpu", dtype="float64")
-    with caplog.at_level(logging.INFO, logger="server.engine.exactness_probe"):
+    with caplog.at_level(logging.INFO, logger="server.engine.paged.probe"):
         engine = Engine(loaded, None, EngineConfig())
-    assert engine.describe()["engine"] == "slots"
+    assert engine.describe()["engine"] == "paged"
     assert "limit 1e-12" in caplog.text

@@ -11,7 +11,7 @@ import pytest
 from server.engine.types import SamplingParams, Share
 from tests.engine.conftest import run
 from tests.engine.test_engine_parity import PeftReferee
-from tests.engine.test_engine_slots import make_engine, setup  # noqa: F401 - fixtures
+from tests.engine.test_engine_paged import make_engine, setup  # noqa: F401 - fixtures
 
 NUM_NEW = 4
 

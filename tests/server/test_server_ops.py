@@ -26,15 +26,19 @@ def test_health_ready_info(server):
         info = c.get("/info").json()
     assert info["model_id"] == "tiny" and info["max_batch_size"] == 16 and info["has_chat_template"]
     assert (info["model_type"], info["task_type"]) == ("llama", "CAUSAL_LM")
-    assert info["engine"] == "slots" and info["max_total_tokens"] >= 1
+    assert info["engine"] == "paged" and info["max_total_tokens"] >= 1
+    assert info["kv_block_tokens"] == 16 and info["kv_pool_tokens"] >= info["max_total_tokens"]
     assert info["decode_attention"] in ("native", "sdpa") and isinstance(info["compiled_step"], bool)
+
+
+TEXT = "The river runs by the old mill"
 
 
 def test_metrics_count_requests_tokens_and_store(server):
     with server.client() as c:
         before = samples(c.get("/metrics").text)
         for _ in range(2):
-            c.post("/generate", json={"task_id": "task-7", "inputs": "x",
+            c.post("/generate", json={"task_id": "task-7", "inputs": TEXT,
                                       "parameters": {"max_new_tokens": 3, "ignore_eos_token": True}})
         c.post("/generate", json={"task_id": "missing-task", "inputs": "x"})
         after_text = c.get("/metrics").text
@@ -56,13 +60,16 @@ def test_metrics_count_requests_tokens_and_store(server):
                  "promptserve_prompt_store_evictions_total"):
         assert (name, ()) in after, name
     assert delta("promptserve_prompt_store_hits_total") + delta("promptserve_prompt_store_misses_total") >= 2
-    # The engine's KV memory and the tasks' virtual-token KV cache: the second task-7 request reused the
-    # first one's (they ran one after the other), and every slot is free again.
-    assert delta("promptserve_prefix_cache_hits_total") >= 1
-    assert delta("promptserve_prefix_cache_hits_total") + delta("promptserve_prefix_cache_misses_total") == 2
-    assert after[("promptserve_kv_cache_slots", ())] == 16 and after[("promptserve_kv_cache_bytes", ())] > 0
-    assert after[("promptserve_kv_cache_slots_used", ())] == after[("promptserve_kv_cache_tokens_used", ())] == 0
-    assert after[("promptserve_prefix_cache_entries", ())] >= 1
+    # The engine's KV memory and its prefix cache: the second task-7 request (they ran one after the other)
+    # shared the first one's full blocks but the one holding its last position (the first may have shared
+    # block 0, all virtual tokens, with earlier tests' task-7 requests), and every block is free again.
+    context = 2 + 3 * 7 + len(server.runtime.engine.tokenize(TEXT))
+    shared = (context - 1) // 16 * 16
+    assert delta("promptserve_prefix_cache_prompt_tokens_total") == 2 * context
+    assert shared <= delta("promptserve_prefix_cache_hit_tokens_total") <= shared + 16
+    assert after[("promptserve_kv_cache_block_tokens", ())] == 16 and after[("promptserve_kv_cache_bytes", ())] > 0
+    assert after[("promptserve_kv_cache_blocks_used", ())] == after[("promptserve_kv_cache_tokens_used", ())] == 0
+    assert after[("promptserve_kv_cache_blocks_cached", ())] >= 1
 
 
 def test_task_label_cardinality_is_capped():

@@ -1,13 +1,12 @@
-// One layer of the slot engine's decode: store the step's new keys and values in the KV pool, then attend
-// every decoding row's query over its own slot's first `position + 1` columns. A row that started from a
-// task's cached virtual-token KV reads its first columns from that shared copy instead of its slot (the
-// same values): rows of one task then share those reads in the cache, so the prefix is fetched from memory
-// once per step, not once per row.
+// One layer of the paged engine's attention on the CPU: store the step's new keys and values in their KV
+// rows, then attend every decoding row's query over its own context, read in place through its block table
+// (column w of a row is KV row `table[w / B] * B + w % B` of the layer). Rows of one task share the
+// blocks of their common prefix, so those columns are fetched from memory once per step for all of them.
 //
 // Plain C ABI (called through ctypes; no torch headers, so it builds in about a second). Every tensor comes
-// as a base pointer and element strides, so this file knows no layout: kv_pool.py passes its own strides.
-// OpenMP symbols are left undefined and bind to the runtime torch already loaded (or the preloaded Intel
-// one): one thread pool, never two.
+// as a base pointer and element strides, so this file knows no layout but the block arithmetic:
+// kv_memory.py passes its own strides. OpenMP symbols are left undefined and bind to the runtime torch
+// already loaded (or the preloaded Intel one): one thread pool, never two.
 //
 // Two ways to attend one (row, kv head): `attend_vector` with AVX-512 (float32 and bfloat16, head_dim a
 // multiple of 16), and `attend_scalar` for everything else (float64, other machines, odd head sizes). The
@@ -45,15 +44,14 @@ inline void store(BF16* p, float x) {  // round to nearest even, as torch does
 
 struct Strides { int64_t a, b, c; };  // element strides of a 3-d view (the innermost stride is 1)
 
-// Column w of one head of a decoding row: the first `num_shared` from the task's shared prefix copy
-// (contiguous rows of d), the rest from the row's slot (token stride `stride`).
+// Column w of one head of a decoding row: KV row `table[w >> shift] << shift | (w & mask)` (blocks of
+// 2^shift tokens), `stride` elements apart.
 template <typename T>
 struct Columns {
-  const T* shared;
-  int64_t num_shared, head_dim;
-  const T* slot;
-  int64_t stride;
-  const T* at(int64_t w) const { return w < num_shared ? shared + w * head_dim : slot + w * stride; }
+  const T* base;  // the layer's keys (or values) of this head
+  const int64_t* table;  // the row's block table
+  int64_t shift, mask, stride;
+  const T* at(int64_t w) const { return base + ((table[w >> shift] << shift) | (w & mask)) * stride; }
 };
 
 // One (row, kv head): its `group` query heads `q` (scaled, Acc) over `length` columns, into `out` rows.
@@ -200,38 +198,34 @@ template <typename T, typename Acc>
 bool attend_fast(const Work<T, Acc>&, const Acc*, std::vector<Acc>&, std::vector<Acc>&) { return false; }
 
 template <typename T, typename Acc>
-void slot_decode(const T* query, Strides qs, const T* new_keys, Strides ks, const T* new_values, Strides vs,
-                 T* keys, T* values, Strides ps, const int64_t* slots, const int64_t* positions,
-                 const int64_t* prefix_keys, const int64_t* prefix_values, const int64_t* prefix_tokens,
-                 int64_t layer, int64_t num_tokens, int64_t num_decode, int64_t num_heads, int64_t num_kv_heads,
-                 int64_t head_dim, double scale, T* out, Strides os, int num_threads) {
+void paged_decode(const T* query, Strides qs, const T* new_keys, Strides ks, const T* new_values, Strides vs,
+                  T* keys, T* values, Strides ps, const int64_t* write_rows, const int64_t* tables,
+                  int64_t max_blocks, int64_t block_shift, const int64_t* lengths, int64_t num_tokens,
+                  int64_t num_decode, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale,
+                  T* out, Strides os, int num_threads) {
   // query [N, H, d] (qs: token, head); new_keys/values [N, KVH, d] (ks/vs: token, head; each its own: a
   // model may hand over keys made by a concatenation and values sliced from a fused projection);
-  // keys/values pool [slots, KVH, tokens, d] (ps: slot, head, token); out [N, H, d] (os: token, head);
-  // per decoding row, prefix_keys/values: the address of a contiguous [layers, KVH, n, d] copy of its first
-  // n = prefix_tokens columns (0 and 0: none).
+  // keys/values: this layer's [KVH, rows, d] (ps: head, row); write_rows [N]: where token t goes;
+  // tables [num_decode, max_blocks] and lengths [num_decode]: the decoding rows (the step's first tokens);
+  // out [N, H, d] (os: token, head).
 #pragma omp parallel num_threads(num_threads)
   {
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < num_tokens * num_kv_heads; ++item) {
       const int64_t t = item / num_kv_heads, h = item % num_kv_heads;
-      const int64_t at = slots[t] * ps.a + h * ps.b + positions[t] * ps.c;
+      const int64_t at = h * ps.a + write_rows[t] * ps.b;
       std::memcpy(keys + at, new_keys + t * ks.a + h * ks.b, head_dim * sizeof(T));
       std::memcpy(values + at, new_values + t * vs.a + h * vs.b, head_dim * sizeof(T));
     }  // implicit barrier: every row's own new key is in place before anyone attends
-    const int64_t group = num_heads / num_kv_heads;
+    const int64_t group = num_heads / num_kv_heads, mask = (int64_t(1) << block_shift) - 1;
     std::vector<Acc> q(group * head_dim), scores, acc;
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < num_decode * num_kv_heads; ++item) {
-      const int64_t r = item / num_kv_heads, h = item % num_kv_heads, length = positions[r] + 1;
-      const int64_t n = std::min(prefix_tokens[r], length);
-      const int64_t shared_at = ((layer * num_kv_heads + h) * prefix_tokens[r]) * head_dim;
-      const Work<T, Acc> job{
-          {reinterpret_cast<const T*>(prefix_keys[r]) + shared_at, n, head_dim, keys + slots[r] * ps.a + h * ps.b,
-           ps.c},
-          {reinterpret_cast<const T*>(prefix_values[r]) + shared_at, n, head_dim,
-           values + slots[r] * ps.a + h * ps.b, ps.c},
-          length, group, head_dim, out + r * os.a + h * group * os.b, os.b};
+      const int64_t r = item / num_kv_heads, h = item % num_kv_heads;
+      const int64_t* table = tables + r * max_blocks;
+      const Work<T, Acc> job{{keys + h * ps.a, table, block_shift, mask, ps.b},
+                             {values + h * ps.a, table, block_shift, mask, ps.b},
+                             lengths[r], group, head_dim, out + r * os.a + h * group * os.b, os.b};
       for (int64_t g = 0; g < group; ++g) {
         const T* qr = query + r * qs.a + (h * group + g) * qs.b;
         for (int64_t i = 0; i < head_dim; ++i) q[g * head_dim + i] = Acc(load(qr[i])) * Acc(scale);
@@ -243,23 +237,21 @@ void slot_decode(const T* query, Strides qs, const T* new_keys, Strides ks, cons
 
 }  // namespace
 
-#define SLOT_DECODE(NAME, T, ACC)                                                                          \
+#define PAGED_DECODE(NAME, T, ACC)                                                                         \
   extern "C" void NAME(const void* query, const int64_t* qs, const void* new_keys, const int64_t* ks,      \
-                       const void* new_values, const int64_t* vs, void* keys, void* values, const int64_t* ps, const int64_t* slots,   \
-                       const int64_t* positions, const int64_t* prefix_keys, const int64_t* prefix_values,    \
-                       const int64_t* prefix_tokens, int64_t layer,                                           \
-                       int64_t num_tokens, int64_t num_decode, int64_t num_heads,                             \
-                       int64_t num_kv_heads, int64_t head_dim, double scale, void* out, const int64_t* os,    \
-                       int num_threads) {                                                                    \
-    slot_decode<T, ACC>(static_cast<const T*>(query), {qs[0], qs[1], 0}, static_cast<const T*>(new_keys),    \
-                        {ks[0], ks[1], 0}, static_cast<const T*>(new_values), {vs[0], vs[1], 0},             \
-                        static_cast<T*>(keys),                                                               \
-                        static_cast<T*>(values), {ps[0], ps[1], ps[2]}, slots, positions, prefix_keys,       \
-                        prefix_values, prefix_tokens, layer, num_tokens,                                     \
-                        num_decode, num_heads, num_kv_heads, head_dim, scale, static_cast<T*>(out),          \
-                        {os[0], os[1], 0}, num_threads);                                                     \
+                       const void* new_values, const int64_t* vs, void* keys, void* values,                 \
+                       const int64_t* ps, const int64_t* write_rows, const int64_t* tables,                 \
+                       int64_t max_blocks, int64_t block_shift, const int64_t* lengths, int64_t num_tokens, \
+                       int64_t num_decode, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,       \
+                       double scale, void* out, const int64_t* os, int num_threads) {                       \
+    paged_decode<T, ACC>(static_cast<const T*>(query), {qs[0], qs[1], 0}, static_cast<const T*>(new_keys),   \
+                         {ks[0], ks[1], 0}, static_cast<const T*>(new_values), {vs[0], vs[1], 0},            \
+                         static_cast<T*>(keys), static_cast<T*>(values), {ps[0], ps[1], 0}, write_rows,      \
+                         tables, max_blocks, block_shift, lengths, num_tokens, num_decode, num_heads,        \
+                         num_kv_heads, head_dim, scale, static_cast<T*>(out), {os[0], os[1], 0},             \
+                         num_threads);                                                                       \
   }
 
-SLOT_DECODE(slot_decode_float32, float, float)
-SLOT_DECODE(slot_decode_float64, double, double)
-SLOT_DECODE(slot_decode_bfloat16, BF16, float)
+PAGED_DECODE(paged_decode_float32, float, float)
+PAGED_DECODE(paged_decode_float64, double, double)
+PAGED_DECODE(paged_decode_bfloat16, BF16, float)

@@ -1,9 +1,10 @@
-"""One packed step of the slot engine: which context positions of which requests are computed, as model
+"""One packed step of the paged engine: which context positions of which requests are computed, as model
 inputs (`inputs_embeds [1, N, D]`, `position_ids [1, N]`) and as the attention glue's StepPlan.
 
 A request's context is `[P][E(prompt_ids)][E(generated)]`, position 0 at its first virtual token (what
-PEFT computes for it alone). A chunk is a run of its positions not yet in its slot: a decode step feeds the
-last generated token; a prefill chunk feeds the next part of the prompt (chunked prefill).
+PEFT computes for it alone). A chunk is a run of its positions not yet in KV memory: a decode step feeds the
+last generated token; a prefill chunk feeds the next part of the prompt (chunked prefill). Every position
+of a chunk already has its block in the request's block table.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.attention import DecodeGroup, PrefillChunk, StepPlan
-from server.engine.kv_pool import KVPool
+from server.engine.paged.attention import DecodeGroup, PrefillChunk, StepPlan
+from server.engine.paged.cpu.native_decode import DecodeReads
+from server.engine.paged.kv_memory import ContextReads, PagedKV
 from server.engine.sequence import Sequence
 
 
@@ -52,48 +54,51 @@ class StepInputs:
 
 
 def order(chunks: list[Chunk]) -> list[Chunk]:
-    """Decode chunks first by slot (so that their queries are usually dense), then prefill chunks."""
-    decodes = sorted((c for c in chunks if c.is_decode), key=lambda c: c.seq.slot)
-    return decodes + [c for c in chunks if not c.is_decode]
+    """Decode chunks first (the kernel takes the step's first tokens as its decoding rows), then prefills."""
+    return [c for c in chunks if c.is_decode] + [c for c in chunks if not c.is_decode]
 
 
-def build(chunks: list[Chunk], embed: torch.nn.Module, pool: KVPool) -> StepInputs:
+def build(chunks: list[Chunk], embed: torch.nn.Module, memory: PagedKV) -> StepInputs:
     """Inputs for `chunks`, which must already be in `order`."""
     device = embed.weight.device
-    slots, positions, sample_index = [], [], []
+    rows, positions, sample_index = [], [], []
     for chunk in chunks:
-        slots += [chunk.seq.slot] * chunk.num_tokens
+        rows += memory.rows(chunk.seq.block_table, range(chunk.start, chunk.end))
         positions += range(chunk.start, chunk.end)
         if chunk.is_sampling:
             sample_index.append(len(positions) - 1)
-    plan = StepPlan(pool, _long(slots, device), _long(positions, device))
+    plan = StepPlan(memory, _long(rows, device), _long(positions, device))
     decodes = [c for c in chunks if c.is_decode]
-    if decodes:
-        plan.decode = _decode_group(decodes, device)
-    if pool.has_native_decode:  # once a step, not once a layer
-        plan.shared = pool.shared_prefixes([c.seq.shared_prefix for c in decodes])
+    plan.decode = _decode_group(decodes, memory, device)
     offset = len(decodes)
     for chunk in chunks[len(decodes):]:
-        plan.prefills.append(PrefillChunk(offset, chunk.num_tokens, chunk.seq.slot, chunk.start,
+        plan.prefills.append(PrefillChunk(offset, chunk.num_tokens, chunk.start,
+                                          ContextReads.of(memory, chunk.seq.block_table, chunk.end),
                                           _offset_causal_mask(chunk, device)))
         offset += chunk.num_tokens
-    return StepInputs(_embeddings(chunks, embed), plan.write_positions[None], plan, _long(sample_index, device))
+    return StepInputs(_embeddings(chunks, embed), plan.positions[None], plan, _long(sample_index, device))
 
 
 def _long(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
-def _decode_group(decodes: list[Chunk], device: torch.device) -> DecodeGroup:
-    slots = [c.seq.slot for c in decodes]
-    num_view = max(slots) + 1
-    lengths = [1] * num_view  # rows not decoding see one (finite, ignored) column: no all-masked row
-    for chunk in decodes:
-        lengths[chunk.seq.slot] = chunk.end
+def _decode_group(decodes: list[Chunk], memory: PagedKV, device: torch.device) -> DecodeGroup:
+    """The decoding rows' block tables (padded with block 0) and lengths; without the native kernel, also
+    every row's KV rows, padded to the longest (masked)."""
+    size = memory.block_tokens
+    lengths = [c.end for c in decodes]
+    num_blocks = max((-(-n // size) for n in lengths), default=1)
+    tables = [c.seq.block_table[:num_blocks] + [0] * (num_blocks - len(c.seq.block_table[:num_blocks]))
+              for c in decodes]
+    reads = DecodeReads(torch.tensor(tables, dtype=torch.long).reshape(len(decodes), num_blocks),
+                        _long(lengths, torch.device("cpu")), size.bit_length() - 1)
+    if memory.has_native_decode or not decodes:
+        return DecodeGroup(reads)
     width = max(lengths)
-    mask = torch.arange(width, device=device)[None, :] < _long(lengths, device)[:, None]  # [view, width]
-    return DecodeGroup(_long(list(range(len(decodes))), device), _long(slots, device), num_view,
-                       mask[:, None, None, :], is_dense=slots == list(range(len(slots))))
+    gather = [memory.rows(c.seq.block_table, range(n)) + [0] * (width - n) for c, n in zip(decodes, lengths)]
+    mask = torch.arange(width, device=device)[None, :] < _long(lengths, device)[:, None]  # [Bd, W]
+    return DecodeGroup(reads, _long(gather, device), mask[:, None, None, :])
 
 
 def _offset_causal_mask(chunk: Chunk, device: torch.device) -> torch.Tensor | None:

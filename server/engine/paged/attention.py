@@ -1,13 +1,15 @@
-"""Attention glue: plugs the engine's KV pool into stock transformers models, with no copied model code.
+"""Attention glue: plugs the engine's paged KV memory into stock transformers models, with no copied
+model code.
 
 The model is switched to the attention implementation registered here (`AttentionInterface.register`).
 The runner calls it on a packed step, `[1, N]` tokens of several requests, without a transformers cache
-and with `promptserve_slots=True` as an extra forward keyword, which transformers hands down to every
+and with `promptserve_paged=True` as an extra forward keyword, which transformers hands down to every
 attention call. There the work is one opaque custom op per layer: it writes the step's new keys and
-values into the pool, then attends, all decoding rows at once over the pool's own memory (a view, no
-copy), and each prefill chunk over its slot's first columns. The op reads the step's StepPlan from the
-engine thread's `active_plan`, so a compiled model sees only `(q, k, v, layer)`: one graph serves every
-batch and chunk layout. Called without the keyword, the function is plain SDPA: the model works as loaded.
+values into their KV rows, then attends: all decoding rows at once, each over its own blocks read in place
+(the native kernel) or gathered (SDPA elsewhere), and each prefill chunk over its context (a view when its
+blocks are one run, else gathered). The op reads the step's StepPlan from the engine thread's
+`active_plan`, so a compiled model sees only `(q, k, v, layer)`: one graph serves every batch and chunk
+layout. Called without the keyword, the function is plain SDPA: the model works as loaded.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from server.engine.kv_pool import KVPool
-from server.engine.native_decode import SharedPrefixes
+from server.engine.paged.cpu.native_decode import DecodeReads
+from server.engine.paged.kv_memory import ContextReads, PagedKV
 
-IMPLEMENTATION = "promptserve_slots"
-SLOTS_KWARG = "promptserve_slots"
+IMPLEMENTATION = "promptserve_paged"
+PAGED_KWARG = "promptserve_paged"
 # Attention variants this glue does not compute: a model passing any of them stays on the legacy path.
 _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
 _active = threading.local()  # the plan of the step running on this thread
@@ -36,13 +38,11 @@ _active = threading.local()  # the plan of the step running on this thread
 
 @dataclass
 class DecodeGroup:
-    """Every row that feeds one token this step, attended together over slots 0..num_view_slots-1."""
+    """Every row that feeds one token this step (the step's first tokens)."""
 
-    token_index: torch.Tensor  # [Bd] positions in the packed step
-    slots: torch.Tensor  # [Bd]
-    num_view_slots: int
-    mask: torch.Tensor  # [num_view_slots, 1, 1, width] bool: True where a row may attend
-    is_dense: bool  # slots == 0..Bd-1 in token order: no scatter of the queries needed
+    reads: DecodeReads  # block tables and lengths (the native kernel reads them in place)
+    gather_rows: torch.Tensor | None = None  # [Bd, W] KV rows for SDPA without the kernel (padded)
+    mask: torch.Tensor | None = None  # [Bd, 1, 1, W] bool: True where a row may attend
 
 
 @dataclass
@@ -51,21 +51,20 @@ class PrefillChunk:
 
     token_start: int  # where its tokens sit in the packed step
     num_tokens: int
-    slot: int
     start: int  # context position of its first token
+    context: ContextReads  # its positions 0..start + num_tokens - 1
     mask: torch.Tensor | None  # [T, start + T] bool, None when start == 0 (plain causal)
 
 
 @dataclass
 class StepPlan:
-    """Where a packed step's tokens go in the pool, and who attends to what."""
+    """Where a packed step's tokens go in KV memory, and who attends to what."""
 
-    pool: KVPool
-    write_slots: torch.Tensor  # [N]
-    write_positions: torch.Tensor  # [N]
+    memory: PagedKV
+    write_rows: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
     decode: DecodeGroup | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
-    shared: SharedPrefixes | None = None  # native kernel: decoding rows' cached task prefixes, read in place
 
 
 class GeometryProbe:
@@ -85,7 +84,7 @@ class GeometryProbe:
 
 def install(model) -> None:
     """Register the implementation (idempotent) and switch `model` to it."""
-    AttentionInterface.register(IMPLEMENTATION, slot_attention)
+    AttentionInterface.register(IMPLEMENTATION, paged_attention)
     # The model's own mask is never used: the plan carries each row's, so building it is skipped.
     AttentionMaskInterface.register(IMPLEMENTATION, lambda *args, **kwargs: None)
     if model.config._attn_implementation != IMPLEMENTATION:
@@ -117,9 +116,9 @@ def active_plan(plan: StepPlan):
         _active.plan = None
 
 
-def slot_attention(module, query, key, value, attention_mask, **kwargs):
+def paged_attention(module, query, key, value, attention_mask, **kwargs):
     """query `[1, H, N, d]`, key/value `[1, KVH, N, d]` -> output `[1, N, H, d]`, no weights."""
-    marker = kwargs.pop(SLOTS_KWARG, None)
+    marker = kwargs.pop(PAGED_KWARG, None)
     if isinstance(marker, GeometryProbe):
         marker.record(module.layer_idx, key)
         marker = None
@@ -127,62 +126,57 @@ def slot_attention(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
-            raise NotImplementedError(f"slot attention does not support {name}")
+            raise NotImplementedError(f"paged attention does not support {name}")
     scale = kwargs.get("scaling")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    return torch.ops.promptserve.slot_attention(query, key, value, module.layer_idx, scale)[None], None
+    return torch.ops.promptserve.paged_attention(query, key, value, module.layer_idx, scale)[None], None
 
 
-@torch.library.custom_op("promptserve::slot_attention", mutates_args=())
-def _slot_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-                       scale: float) -> torch.Tensor:
-    """One layer of a packed step: store its keys and values in the slots, then attend; `[N, H, d]`."""
+@torch.library.custom_op("promptserve::paged_attention", mutates_args=())
+def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
+                        scale: float) -> torch.Tensor:
+    """One layer of a packed step: store its keys and values, then attend; `[N, H, d]`."""
     plan: StepPlan = _active.plan
+    memory = plan.memory
     new_keys, new_values = _rows(key[0]), _rows(value[0])  # [N, KVH, d]
     options = {"scale": scale, "enable_gqa": query.shape[1] != key.shape[1]}
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, H, d]
     q = query[0]  # [H, N, d]
-    if plan.pool.has_native_decode:  # decoding rows are the step's first tokens (step_plan.order)
-        plan.pool.write_and_decode(layer, _rows(q), new_keys, new_values, plan.write_slots, plan.write_positions,
-                                   plan.shared, scale, out)
+    if memory.has_native_decode:  # decoding rows are the step's first tokens (step_plan.order)
+        memory.write_and_decode(layer, _rows(q), new_keys, new_values, plan.write_rows, plan.decode.reads, scale, out)
     else:
-        plan.pool.write(layer, plan.write_slots, plan.write_positions, new_keys, new_values)
-        if plan.decode is not None:
-            out[plan.decode.token_index] = _decode(plan, layer, q, options)
+        memory.write(layer, plan.write_rows, new_keys, new_values)
+        if plan.decode.reads.num_decode:
+            out[:plan.decode.reads.num_decode] = _decode(plan, layer, q, options)
     for chunk in plan.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-        keys, values = plan.pool.view(layer, chunk.slot, 1, chunk.start + chunk.num_tokens)
+        keys, values = memory.context(layer, chunk.context)
         attended = F.scaled_dot_product_attention(q[None, :, rows], keys, values, attn_mask=chunk.mask,
                                                   is_causal=chunk.mask is None, **options)  # [1, H, T, d]
         out[rows] = attended[0].transpose(0, 1)
     return out
 
 
-@_slot_attention_op.register_fake
+@_paged_attention_op.register_fake
 def _(query, key, value, layer, scale):
     return query.new_empty(query.shape[2], query.shape[1], query.shape[3])
 
 
-# It writes the pool, which no graph sees: without this, a compiled step whose output does not need an
+# It writes KV memory, which no graph sees: without this, a compiled step whose output does not need an
 # attention output (no row sampled) would drop the call, and the step's keys and values with it.
-has_side_effect(torch.ops.promptserve.slot_attention.default)
+has_side_effect(torch.ops.promptserve.paged_attention.default)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """`[heads, N, d]` -> `[N, heads, d]` (a view) with a contiguous last dim, as the pool's writers need."""
+    """`[heads, N, d]` -> `[N, heads, d]` (a view) with a contiguous last dim, as the writers need."""
     t = t.transpose(0, 1)
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _decode(plan: StepPlan, layer: int, q: torch.Tensor, options: dict) -> torch.Tensor:
-    """Attention of every decoding row: `[Bd, H, d]`."""
+    """Attention of every decoding row over its gathered blocks: `[Bd, H, d]`."""
     group = plan.decode
-    queries = q[:, group.token_index].transpose(0, 1)  # [Bd, H, d]
-    if not group.is_dense:  # rows that do not decode this step get a dummy query, dropped afterwards
-        full = queries.new_zeros(group.num_view_slots, *queries.shape[1:])
-        full[group.slots] = queries
-        queries = full
-    keys, values = plan.pool.view(layer, 0, group.num_view_slots, group.mask.shape[-1])
+    queries = q[:, :group.reads.num_decode].transpose(0, 1)  # [Bd, H, d]
+    keys, values = plan.memory.gather(layer, group.gather_rows)  # [Bd, KVH, W, d]
     attended = F.scaled_dot_product_attention(queries[:, :, None], keys, values, attn_mask=group.mask, **options)
-    attended = attended[:, :, 0]  # [num_view_slots, H, d]
-    return attended if group.is_dense else attended[group.slots]
+    return attended[:, :, 0]

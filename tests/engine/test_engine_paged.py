@@ -1,7 +1,7 @@
-"""The slot engine end to end on a tiny Llama with adapters written by real PEFT: admission bounded by the
-KV slots, the context limit a KV budget sets, a task replaced under running requests, and requests of one
-task waiting while the first computes its virtual-token KV. (Seeded sampling in a crowded batch of the slot
-engine is covered by test_engine_serving.test_seeded_sampling_is_independent_of_batch_mates.)"""
+"""The paged engine end to end on a tiny Llama with adapters written by real PEFT: admission bounded by
+rows and blocks, a KV budget smaller than a context, a task replaced under running requests, requests of one
+task waiting while the first computes their shared blocks, a deleted task's blocks. (Seeded sampling in a
+crowded batch is covered by test_engine_serving.test_seeded_sampling_is_independent_of_batch_mates.)"""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def make_engine(setup):
     def make(store: PromptStore | None = None, **config) -> Engine:
         store = store or PromptStore(root, token_dim=loaded.hidden_size)
         engine = Engine(loaded, store, EngineConfig(**config))
-        assert engine.pool is not None  # the slot engine, not the legacy path
+        assert engine.memory is not None  # the paged engine, not the legacy path
         engine.start()
         engines.append(engine)
         return engine
@@ -86,17 +86,12 @@ async def _tokens(engine: Engine, text: str, task: str | None, params: SamplingP
     return (await (await engine.submit(text, task_id=task, params=params)).result()).token_ids
 
 
-def test_admission_is_bounded_by_the_kv_slots(make_engine):
+def test_admission_is_bounded_by_the_rows(make_engine):
     engine = make_engine(max_batch_size=2)
-    assert engine.pool.num_slots == 2
-    # Different lengths: the row in slot 0 finishes first, so the last slot moves into its hole.
     requests = [("x", TEXTS[0], 4), ("y", TEXTS[1], 12), (None, TEXTS[2], 6), ("z", TEXTS[3], 10),
                 ("x", TEXTS[4], 3), ("y", TEXTS[5], 8)]
-    used: list[int] = []
-    engine.logits_tap = lambda rid, k, logits: used.append(engine.stats().kv.num_slots_used)  # worker thread
-    moved: list[int | None] = []
-    release = engine.pool.release
-    engine.pool.release = lambda slot, n: moved.append(release(slot, n)) or moved[-1]
+    running: list[int] = []
+    engine.logits_tap = lambda rid, k, logits: running.append(engine.stats().num_running)  # worker thread
 
     async def crowd():
         async with Hold(engine):
@@ -105,27 +100,26 @@ def test_admission_is_bounded_by_the_kv_slots(make_engine):
         return [(await s.result()).token_ids for s in streams]
 
     together = run(crowd())
-    assert max(used) == 2  # both slots were busy, never more
-    assert any(m is not None for m in moved)  # a running row moved to a freed slot
+    assert max(running) == 2  # both rows were busy, never more
     kv = engine.stats().kv
-    assert (kv.num_slots_used, kv.num_tokens_used) == (0, 0)
+    assert (kv.num_blocks_used, kv.num_tokens_used) == (0, 0)
     assert engine.stats().num_running == engine.stats().num_waiting == 0
     for (task, text, n), tokens in zip(requests, together):
         assert len(tokens) == n
         assert tokens == run(_tokens(engine, text, task, greedy(n, ignore_eos=True))), (task, text)
 
 
-def test_kv_budget_sets_the_context_limit(setup, make_engine):
+def test_a_kv_budget_smaller_than_a_context_refuses_only_what_could_never_fit(setup, make_engine):
     _, loaded, _, _ = setup
     unbounded = make_engine()
-    per_token = unbounded.pool.geometry.bytes_per_token
-    engine = make_engine(max_batch_size=2, kv_cache_memory=2 * 64 * per_token)
-    assert engine.pool.slot_tokens == 64 and engine.stats().kv.slot_tokens == 64
+    per_token = unbounded.memory.geometry.bytes_per_token
+    engine = make_engine(max_batch_size=2, kv_cache_memory=4 * 16 * per_token)  # 4 blocks: 64 tokens
+    assert engine.memory.num_tokens == 64 and engine.stats().kv.num_blocks == 4
     text = TEXTS[1]
     room = 64 - TASKS["x"] - len(loaded.tokenizer(text)["input_ids"])  # new tokens that fit
-    with pytest.raises(InputTooLong, match="context limit 64"):
+    with pytest.raises(InputTooLong, match="never fit in the server's KV memory of 64 tokens"):
         run(engine.submit(text, task_id="x", params=greedy(room + 1)))
-    tokens = run(_tokens(engine, text, "x", greedy(room, ignore_eos=True)))  # fills the slot to its end
+    tokens = run(_tokens(engine, text, "x", greedy(room, ignore_eos=True)))  # fills the memory to its end
     assert len(tokens) == room
     assert tokens == run(_tokens(unbounded, text, "x", greedy(room, ignore_eos=True)))
 
@@ -134,17 +128,18 @@ def test_kv_budget_sets_the_context_limit(setup, make_engine):
 def test_task_replaced_under_running_requests(forget, setup, make_engine, tmp_path):
     """Requests that pinned the old version (running, or queued when the task is replaced) give PEFT's
     output with the old adapter; later ones PEFT's output with the new adapter. Without forget_task (a
-    replica that did not replace the task itself) only the prefix cache's version check keeps the old KV out."""
+    replica that did not replace the task itself) only the version in the blocks' hash chain keeps the old KV
+    out. Blocks of 4: the task's virtual tokens fill a block that its requests share."""
     model_dir, loaded, _, _ = setup
     old = write_peft_adapters(model_dir, tmp_path / "old", {"x": 5}, seed=0)["x"]
     new = write_peft_adapters(model_dir, tmp_path / "new", {"x": 5}, seed=7)["x"]
     store = PromptStore(tmp_path / "store", token_dim=loaded.hidden_size)
     store.import_folder("x", old)
-    engine = make_engine(store, max_batch_size=8)
+    engine = make_engine(store, max_batch_size=8, kv_block_tokens=4)
 
     async def go():
         warm = await (await engine.submit(TEXTS[0], task_id="x", params=greedy(2))).result()
-        assert engine.stats().kv.num_prefix_entries == 1
+        assert engine.stats().kv.num_blocks_cached >= 1
         olds = [await engine.submit(t, task_id="x", params=greedy(30), request_id=f"old{i}")
                 for i, t in enumerate(TEXTS[:3])]
         for stream in olds:
@@ -169,9 +164,10 @@ def test_task_replaced_under_running_requests(forget, setup, make_engine, tmp_pa
     assert {r.task_version for r in news} == {store.get("x").version} != {warm.task_version}
 
 
-def test_requests_wait_while_the_first_computes_the_task_prefix(setup, make_engine):
+def test_requests_wait_while_the_first_computes_their_shared_block(setup, make_engine):
+    """Blocks of 4: the task's 5 virtual tokens fill block 0, which its 7 later requests share."""
     model_dir, _, _, adapters = setup
-    engine = make_engine(max_batch_size=16)
+    engine = make_engine(max_batch_size=16, kv_block_tokens=4)
 
     async def go():
         async with Hold(engine):
@@ -180,8 +176,7 @@ def test_requests_wait_while_the_first_computes_the_task_prefix(setup, make_engi
         return [await s.result() for s in streams], await late.result()
 
     results, late = run(go())
-    kv = engine.stats().kv
-    assert (kv.num_prefix_misses, kv.num_prefix_hits, kv.num_prefix_entries) == (1, 7, 1)
+    assert engine.stats().kv.num_prefix_hit_tokens == 7 * 4
     # The first was admitted with `late`; the other seven a step later, though they arrived before `late`.
     assert all(late.timings.queue_s < r.timings.queue_s for r in results[1:])
     referee = PeftReferee(model_dir, {"x": adapters["x"]})
@@ -189,9 +184,11 @@ def test_requests_wait_while_the_first_computes_the_task_prefix(setup, make_engi
         assert result.token_ids == referee.run("x", text, 6)[0], text
 
 
-def test_a_prefix_too_big_to_cache_does_not_make_requests_wait(make_engine):
-    """With nowhere to keep a task's KV, its requests are admitted together (no one-per-step queue)."""
-    engine = make_engine(max_batch_size=16, prefix_cache_bytes=1)
+@pytest.mark.parametrize("config", [{"prefix_caching": False}, {"kv_block_tokens": 16}], ids=["off", "no-full-block"])
+def test_with_nothing_to_share_requests_of_a_task_start_together(make_engine, config):
+    """With prefix caching off, or a task prefix shorter than a block (5 virtual tokens, blocks of 16, short
+    texts), its requests are admitted together (no one-per-step queue)."""
+    engine = make_engine(max_batch_size=16, **config)
     first_steps: dict[str, int] = {}
 
     def first_step(request_id: str, index: int, logits) -> None:  # worker thread
@@ -203,11 +200,12 @@ def test_a_prefix_too_big_to_cache_does_not_make_requests_wait(make_engine):
     async def go():
         async with Hold(engine):
             streams = [await engine.submit(t, task_id="x", params=greedy(3), request_id=f"r{i}")
-                       for i, t in enumerate(TEXTS[:4])]
+                       for i, t in enumerate([TEXTS[0], TEXTS[2], TEXTS[4], TEXTS[6]])]
         return [await s.result() for s in streams]
 
     run(go())
     assert len(first_steps) == 4 and len(set(first_steps.values())) == 1, first_steps
+    assert engine.stats().kv.num_prefix_hit_tokens == 0
 
 
 def test_a_deleted_task_stays_forgotten_when_a_request_in_flight_computes_it(setup, make_engine, tmp_path):
@@ -215,18 +213,18 @@ def test_a_deleted_task_stays_forgotten_when_a_request_in_flight_computes_it(set
     folder = write_peft_adapters(model_dir, tmp_path / "src", {"x": 5})["x"]
     store = PromptStore(tmp_path / "store", token_dim=loaded.hidden_size)
     store.import_folder("x", folder)
-    engine = make_engine(store, max_batch_size=4)
+    engine = make_engine(store, max_batch_size=4, kv_block_tokens=4)
 
     async def go():
         async with Hold(engine):  # queued with the task pinned, then the task is deleted
-            stream = await engine.submit(TEXTS[0], task_id="x", params=greedy(3))
+            stream = await engine.submit(TEXTS[1], task_id="x", params=greedy(3))
             store.delete("x")
             engine.forget_task("x")  # as the tasks router does
         return await stream.result()
 
     result = run(go())
-    assert not engine.prefixes.contains("x", result.task_version)
-    assert engine.stats().kv.num_prefix_entries == 0
+    assert result.generated_tokens == 3
+    assert engine.stats().kv.num_blocks_cached == 0  # its blocks were not registered for sharing
 
 
 def test_a_burst_arriving_at_an_idle_engine_starts_in_one_step(make_engine):

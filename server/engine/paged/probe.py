@@ -5,8 +5,8 @@ The reference is computed by the attention implementation the model was loaded w
 or the modelling file's own `eager` matmul and softmax), switched back for it when the glue is installed
 already: the probe never compares the engine's attention with itself. The requests are teacher-forced
 (their next tokens are fixed, not sampled), so every logit is comparable: three requests of different
-lengths, two with a soft prompt, prefilled in chunks of four next to each other's decodes, in scattered KV
-places, then decoded three steps. A missing or misplaced position moves logits by far more than the
+lengths, two with a soft prompt, prefilled in chunks of four next to each other's decodes, one in a run of
+blocks and two in interleaved ones, then decoded three steps. A missing or misplaced position moves logits by far more than the
 tolerances below.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from server.engine.attention import stock_attention
+from server.engine.paged.attention import stock_attention
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 CHUNK_TOKENS = 4
 NUM_DECODE_STEPS = 3
-_REQUESTS = (  # (virtual tokens, prompt tokens, slot): different lengths, places not in arrival order
-    (3, 9, 2),
-    (0, 14, 0),
-    (5, 2, 1),
+_REQUESTS = (  # (virtual tokens, prompt tokens): different lengths
+    (3, 9),
+    (0, 14),
+    (5, 2),
 )
+BLOCK_TOKENS = 4  # small blocks: every request spans several
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ProbeRequest:
     prompt: Any  # None, or an object with `.embeddings [n, D]`
     num_virtual_tokens: int
     prompt_ids: list[int]
-    slot: int
+    block_table: list[int]
     future: list[int]  # the tokens it will be fed after its prompt (teacher forcing)
     generated: list[int] = field(default_factory=list)
     shared_prefix: Any = None
@@ -62,9 +63,9 @@ class Probe:
     dtype: torch.dtype  # the model's
 
     @property
-    def max_context(self) -> int:
-        """The longest request's context: the KV room each request needs."""
-        return max(len(ref) for ref in self.references)
+    def num_blocks(self) -> int:
+        """Blocks of BLOCK_TOKENS the requests' tables name."""
+        return 1 + max(max(r.block_table) for r in self.requests)
 
 
 def prepare(model: Any) -> Probe:
@@ -73,12 +74,15 @@ def prepare(model: Any) -> Probe:
     vocab, hidden = embed.weight.shape
     gen = torch.Generator().manual_seed(0)
     requests = []
-    for i, (num_virtual, num_prompt, slot) in enumerate(_REQUESTS):
+    num_blocks = -(-(max(v + p for v, p in _REQUESTS) + NUM_DECODE_STEPS) // BLOCK_TOKENS)  # per request
+    for i, (num_virtual, num_prompt) in enumerate(_REQUESTS):
         ids = torch.randint(0, vocab, (num_prompt + NUM_DECODE_STEPS,), generator=gen).tolist()
         prompt = None
         if num_virtual:
             prompt = SimpleNamespace(embeddings=torch.randn(num_virtual, hidden, generator=gen).to(embed.weight))
-        requests.append(ProbeRequest(f"probe-{i}", prompt, num_virtual, ids[:num_prompt], slot, ids[num_prompt:]))
+        # The first request's blocks are one run (read as a view), the others' interleave (gathered).
+        table = list(range(num_blocks)) if i == 0 else [num_blocks + (i - 1) + 2 * b for b in range(num_blocks)]
+        requests.append(ProbeRequest(f"probe-{i}", prompt, num_virtual, ids[:num_prompt], table, ids[num_prompt:]))
     return Probe(requests, [_reference(model, r) for r in requests], embed.weight.dtype)
 
 

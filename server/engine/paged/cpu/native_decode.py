@@ -1,10 +1,10 @@
-"""The slot engine's native decode kernel (native/slot_decode.cpp): built once per process with the
-system's C++ compiler, called through ctypes.
+"""The paged engine's native decode kernel (paged_decode.cpp): built once per process with the system's
+C++ compiler, called through ctypes.
 
-One call per layer stores the step's new keys and values in the pool and computes every decoding row's
-attention over its own slot's columns (each row reads only its own `position + 1` columns, once); a row
-that started from its task's cached virtual-token KV reads those columns from that one shared copy. On CPU
-this replaces an index_put per tensor and a masked SDPA over the widest row. It is built for this machine
+One call per layer stores the step's new keys and values in their KV rows and computes every decoding row's
+attention over its own context, read in place through its block table (each row reads only its own
+columns, once; rows sharing prefix blocks read the same memory). On CPU this replaces an index_put per
+tensor and a gather of every row's blocks for SDPA. It is built for this machine
 (`-march=native`) in a private temporary folder, so a build never meets another CPU. Without a compiler, or
 for dtypes and devices it does not cover, the attention glue keeps the SDPA path, which computes the same.
 """
@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "native" / "slot_decode.cpp"
+SOURCE = Path(__file__).parent / "paged_decode.cpp"
 DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 # Reassociation lets the compiler vectorize the dot products (sums in another order: within 1 ulp-ish of
 # SDPA's, far inside the parity tolerances); no -ffast-math, so NaN and infinities keep their meaning.
@@ -41,15 +41,13 @@ class NativeDecode:
 
     def __init__(self, library: ctypes.CDLL):
         self._functions = {}
+        pointer, integer = ctypes.c_void_p, ctypes.c_int64
         for dtype, name in DTYPES.items():
-            fn = getattr(library, f"slot_decode_{name}")
+            fn = getattr(library, f"paged_decode_{name}")
             fn.restype = None
-            fn.argtypes = [ctypes.c_void_p, _Int64x3, ctypes.c_void_p, _Int64x3, ctypes.c_void_p, _Int64x3,
-                           ctypes.c_void_p,
-                           ctypes.c_void_p, _Int64x3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p,
-                           _Int64x3, ctypes.c_int]
+            fn.argtypes = [pointer, _Int64x3, pointer, _Int64x3, pointer, _Int64x3, pointer, pointer, _Int64x3,
+                           pointer, pointer, integer, integer, pointer, integer, integer, integer, integer, integer,
+                           ctypes.c_double, pointer, _Int64x3, ctypes.c_int]
             self._functions[dtype] = fn
 
     @staticmethod
@@ -57,37 +55,33 @@ class NativeDecode:
         """Whether the kernel computes for tensors of this dtype on this device (CPU, a dtype it was built for)."""
         return torch.device(device).type == "cpu" and dtype in DTYPES
 
-    def run(self, layer: int, query: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
-            keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-            shared: SharedPrefixes, scale: float, out: torch.Tensor) -> None:
-        """query `[N, H, d]`, new_keys/new_values `[N, KVH, d]` (innermost dim contiguous, any other
-        strides, each its own); keys/values: this layer's pool `[slots, KVH, tokens, d]`; slots/positions `[N]` int64
-        contiguous, the first `shared.num_decode` tokens being the decoding rows; out `[N, H, d]` (its first
-        num_decode rows are written)."""
+    def run(self, query: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, keys: torch.Tensor,
+            values: torch.Tensor, write_rows: torch.Tensor, reads: DecodeReads, scale: float,
+            out: torch.Tensor) -> None:
+        """query `[N, H, d]`, new_keys/new_values `[N, KVH, d]` (innermost dim contiguous, any other strides,
+        each its own); keys/values: one layer's `[KVH, rows, d]`; write_rows `[N]` int64 contiguous; the
+        first `reads.num_decode` tokens are the decoding rows; out `[N, H, d]` (those rows are written)."""
         num_tokens, num_heads, head_dim = query.shape
         self._functions[query.dtype](
             query.data_ptr(), _strides(query), new_keys.data_ptr(), _strides(new_keys), new_values.data_ptr(),
-            _strides(new_values),
-            keys.data_ptr(), values.data_ptr(), _Int64x3(*keys.stride()[:3]), slots.data_ptr(),
-            positions.data_ptr(), shared.keys.data_ptr(), shared.values.data_ptr(), shared.num_tokens.data_ptr(),
-            layer, num_tokens, shared.num_decode, num_heads, new_keys.shape[1], head_dim, scale, out.data_ptr(),
+            _strides(new_values), keys.data_ptr(), values.data_ptr(), _strides(keys), write_rows.data_ptr(),
+            reads.tables.data_ptr(), reads.tables.shape[1], reads.block_shift, reads.lengths.data_ptr(),
+            num_tokens, reads.num_decode, num_heads, new_keys.shape[1], head_dim, scale, out.data_ptr(),
             _strides(out), torch.get_num_threads())
 
 
 @dataclass
-class SharedPrefixes:
-    """Per decoding row, where the kernel reads its first columns instead of its slot: the addresses of a
-    task's cached keys and values (`[layers, KVH, n, d]`, contiguous) and n; 0, 0 and 0 for none. The rows'
-    PrefixKV objects are held by the requests for as long as they run (see kv_pool.shared_prefixes)."""
+class DecodeReads:
+    """What each decoding row reads: its block table (padded) and its context length."""
 
-    keys: torch.Tensor  # [num_decode] int64
-    values: torch.Tensor  # [num_decode] int64
-    num_tokens: torch.Tensor  # [num_decode] int64
+    tables: torch.Tensor  # [num_decode, max_blocks] int64, contiguous
+    lengths: torch.Tensor  # [num_decode] int64
+    block_shift: int  # log2 of the block size
 
     @property
     def num_decode(self) -> int:
         """Decoding rows this step."""
-        return int(self.num_tokens.shape[0])
+        return int(self.lengths.shape[0])
 
 
 def _strides(t: torch.Tensor) -> _Int64x3:
@@ -112,7 +106,7 @@ def _build() -> NativeDecode | None:
         log.warning("engine: no C++ compiler, decode attention runs through SDPA")
         return None
     folder = Path(tempfile.mkdtemp(prefix="promptserve-native-"))
-    obj, lib = folder / "slot_decode.o", folder / "libslot_decode.so"
+    obj, lib = folder / "paged_decode.o", folder / "libpaged_decode.so"
     try:
         # Linked without -fopenmp: the OpenMP symbols bind to the runtime torch has loaded already.
         subprocess.run([compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True)

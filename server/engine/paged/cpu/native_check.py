@@ -1,0 +1,69 @@
+"""Whether a built native decode kernel may serve a model: checked once, on the model's KV geometry and
+dtype, against float64 SDPA. A kernel that disagrees is refused (logged) and the engine keeps SDPA. (The
+exactness probe then checks the whole step against the model's own attention, kernel included.)"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.paged.cpu.native_decode import DecodeReads, NativeDecode
+from server.engine.paged.kv_memory import ContextReads, KVGeometry, PagedKV
+
+log = logging.getLogger(__name__)
+
+# Relative error allowed against float64 attention: a few roundings of the dtype (measured: float32 3e-7,
+# bfloat16 3e-3, as SDPA's own 4e-3). A wrong column, head or scale is off by far more.
+_NATIVE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+_BLOCK = 8
+_TABLES = [[5, 2, 7, 0, 3], [1], [6, 4, 8]]  # decoding rows' blocks: scattered, one row within one block
+_LENGTHS = [37, 6, 20]
+
+
+def accept(native: NativeDecode, geometry: KVGeometry) -> NativeDecode | None:
+    """`native` if, on this geometry and dtype, it stores keys and values exactly and attends within
+    tolerance of float64 SDPA (random data: decoding rows over scattered blocks, then prefill tokens)."""
+    if not native.covers(geometry.dtype, geometry.device):
+        return None
+    gen = torch.Generator(device=geometry.device).manual_seed(0)
+    kv_heads, dim, layer = geometry.num_kv_heads, geometry.head_dim, geometry.num_layers - 1
+    heads = kv_heads * 2 if kv_heads > 1 else 4  # a query head group, as in GQA
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=geometry.device).to(geometry.dtype)
+
+    memory = PagedKV(geometry, num_blocks=10, block_tokens=_BLOCK, native=native)
+    history = [rand(kv_heads, memory.num_tokens, dim) for _ in range(2)]
+    for past, now in zip(history, memory.context(layer, _all_rows(memory))):
+        now[0].copy_(past)
+    # Each decoding row's newest position, then two prefill tokens; keys contiguous, values a strided view
+    # (as a fused projection's slice): each keeps its own strides.
+    rows = [memory.rows(t, [n - 1])[0] for t, n in zip(_TABLES, _LENGTHS)] + [79, 72]
+    new_kv = [rand(5, kv_heads, dim), rand(5, kv_heads, 3 * dim)[:, :, dim:2 * dim]]
+    queries, out = rand(5, heads, dim), rand(5, heads, dim)
+    width = max(len(t) for t in _TABLES)
+    reads = DecodeReads(torch.tensor([t + [0] * (width - len(t)) for t in _TABLES]), torch.tensor(_LENGTHS),
+                        _BLOCK.bit_length() - 1)
+    memory.write_and_decode(layer, queries, *new_kv, torch.tensor(rows), reads, 0.3, out)
+    for past, new in zip(history, new_kv):
+        past[:, rows] = new.transpose(0, 1)
+    if not all(torch.equal(now[0], past) for now, past in zip(memory.context(layer, _all_rows(memory)), history)):
+        return _refuse("it stored keys or values in the wrong place")
+    for row, (table, length) in enumerate(zip(_TABLES, _LENGTHS)):
+        keys, values = (past[:, memory.rows(table, range(length))].double() for past in history)
+        want = F.scaled_dot_product_attention(queries[row, :, None].double(), keys, values, scale=0.3,
+                                              enable_gqa=True)[:, 0]  # [H, d]
+        error = float((out[row].double() - want).abs().max() / want.abs().max())
+        if not error <= _NATIVE_TOLERANCE[geometry.dtype]:
+            return _refuse(f"row {row} differs from SDPA by {error:.2e} (relative)")
+    return native
+
+
+def _all_rows(memory: PagedKV) -> ContextReads:
+    return ContextReads(memory.num_tokens, 0, None)
+
+
+def _refuse(reason: str) -> None:
+    log.warning("engine: native decode kernel not used (%s); decode attention runs through SDPA", reason)
