@@ -18,7 +18,7 @@ from server.config import Settings
 from server.errors import install_error_handlers
 from server.exposure import warn_if_open
 from server.metrics import Metrics
-from server.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from server.middleware import AccessLogMiddleware, BodyLimitMiddleware, body_limits
 from server.runtime import Runtime, build_runtime
 from server.tenancy.gate import tenant_gate
 from server.training.service import start_training
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, *,
     for router in (ops.router, generate.router, openai.router, tasks.router, files.router, fine_tuning.router,
                    usage.router):
         app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, limit_for=_body_limits(settings))
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limits(settings))
     app.add_middleware(AuthFirstMiddleware, keyring_of=lambda: app.state.keyring)  # before any body is read
     app.add_middleware(AccessLogMiddleware, on_finish=app.state.metrics.observe_http)  # outermost
     return app
@@ -104,16 +104,6 @@ async def _stop_engine(engine, grace_s: float) -> None:
 def _runtime_part(app: FastAPI, name: str):
     runtime = app.state.runtime
     return None if runtime is None else getattr(runtime, name).stats()
-
-
-def _body_limits(settings: Settings) -> Callable[[str, str], int]:
-    def limit_for(method: str, path: str) -> int:
-        if method == "PUT" and path.startswith("/v1/tasks/"):
-            return settings.max_upload_bytes
-        if method == "POST" and path == "/v1/files":
-            return settings.training_max_file_bytes + 64 * 1024  # the file, plus the form around it
-        return settings.max_body_bytes
-    return limit_for
 
 
 def _version() -> str:

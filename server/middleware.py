@@ -109,3 +109,14 @@ def _content_length(scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def body_limits(settings) -> Callable[[str, str], int]:
+    """(method, path) -> the largest body that route takes (here and at the scale-out ingress)."""
+    def limit_for(method: str, path: str) -> int:
+        if method == "PUT" and path.startswith("/v1/tasks/"):
+            return settings.max_upload_bytes
+        if method == "POST" and path == "/v1/files":
+            return settings.training_max_file_bytes + 64 * 1024  # the file, plus the form around it
+        return settings.max_body_bytes
+    return limit_for

@@ -42,7 +42,8 @@ def build_from_settings(settings: Settings) -> serve.Application:
                                                 ray_actor_options={"num_cpus": 0})  # it only forwards
     directory = serve.deployment(ReplicaDirectory).options(name="promptserve-directory",
                                                            ray_actor_options={"num_cpus": 0}).bind()
-    return ingress.bind(engine.bind(replica_settings(settings), settings.replica_threads, directory), directory)
+    values = replica_settings(settings)  # the ingress checks keys and body limits as the replicas do
+    return ingress.bind(engine.bind(values, settings.replica_threads, directory), directory, values)
 
 
 def replica_settings(settings: Settings) -> dict:

@@ -1,5 +1,7 @@
-"""Ingress: the one HTTP endpoint in front of the replicas. It forwards each request, untouched, to a
-replica chosen by the task router (task_router.py), and streams the replica's answer back.
+"""Ingress: the one HTTP endpoint in front of the replicas. It checks the key and the body's size first
+(ingress_guard.py), then forwards the request, untouched, to a replica chosen by the task router
+(task_router.py), and streams the replica's answer back. Only a valid task id the key may use steers
+routing, so no client can name a replica (`@replica:<id>` is the ingress's own) or fill the router's memory.
 
 A replica that dies before its engine admitted the request (the request was queued there) has done
 nothing for it: the request is sent once more, to another replica. A replica that dies while generating
@@ -24,7 +26,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.scaleout.asgi_bridge import EngineStarted, RequestRecord, ResponseStart
 from server.scaleout.federation import merge_expositions
-from server.scaleout.routing import is_retry_safe, task_of
+from server.auth import AuthError
+from server.errors import BodyTooLarge, error_response
+from server.scaleout.ingress_guard import IngressGuard, routing_task
+from server.scaleout.routing import is_retry_safe
 from server.scaleout.task_router import TARGET_PREFIX
 
 log = logging.getLogger(__name__)
@@ -38,18 +43,23 @@ METRICS_TIMEOUT_S = 3.0
 class Ingress:
     """Deployed by application.py with `serve.deployment(...)`; Ray's HTTP proxy calls it for every path."""
 
-    def __init__(self, replicas, directory):
+    def __init__(self, replicas, directory, settings_values: dict | None = None):
         self._replicas = replicas  # DeploymentHandle of EngineReplica
         self._directory = directory  # DeploymentHandle of ReplicaDirectory
+        self._guard = IngressGuard.from_settings(settings_values or {})
 
     async def __call__(self, request: Request) -> Response:
-        body = await request.body()
+        try:  # the key before the body, the body within its limit: as in one process (server/auth_first.py)
+            tenant = self._guard.tenant(request)
+            body = await self._guard.body(request)
+        except (AuthError, BodyTooLarge) as exc:
+            return error_response(exc)
         record = RequestRecord(request.method, request.url.path, request.url.query.encode(),
                                list(request.headers.raw), body,
                                (request.client.host, request.client.port) if request.client else None)
         if request.method == "GET" and record.path == "/metrics":
             return await self._federated_metrics(record)
-        task_id = task_of(request.method, record.path, body)
+        task_id = routing_task(tenant, request.method, record.path, body)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             reply = _Reply(self._replicas.options(multiplexed_model_id=task_id, stream=True).handle.remote(record))
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ray import serve
 
+from server.auth import AuthError
 from server.scaleout.asgi_bridge import RequestRecord, ResponseStart, forward
 from server.scaleout.task_router import TARGET_PREFIX
 
@@ -61,10 +62,23 @@ class EngineReplica:
             num_holds = self._num_holds
             await self._hold(task_id)
             self.metrics.observe_affinity(is_hit=self._num_holds == num_holds)
+        is_operator = self._is_operator(record)
         async for part in forward(self.app, record):
-            if isinstance(part, ResponseStart):
+            if isinstance(part, ResponseStart) and is_operator:
                 part.headers.append((REPLICA_HEADER, self.replica_id.encode()))
             yield part
+
+    def _is_operator(self, record: RequestRecord) -> bool:
+        """Whether the caller may learn which replica answered (an operator key, or no keys set): replica
+        ids are the deployment's layout, not a tenant's business."""
+        keyring = self.app.state.keyring
+        if keyring is None:
+            return True
+        authorization = next((v.decode("latin-1") for k, v in record.headers if k.lower() == b"authorization"), None)
+        try:
+            return keyring.authenticate(authorization).is_operator
+        except AuthError:
+            return False
 
     async def __del__(self):
         """Ray stops the replica: drain like a single server on SIGTERM (running requests finish)."""

@@ -20,7 +20,7 @@ def task_of(method: str, path: str, body: bytes) -> str:
         return ""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return ""
     if not isinstance(payload, dict):
         return ""

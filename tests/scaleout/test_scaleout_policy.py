@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 
@@ -107,3 +108,22 @@ def test_a_task_held_by_two_replicas_sticks_to_the_one_it_was_last_sent_to():
     loads[a.replica_id] = 3  # over the imbalance: the other holder
     assert rank("t", [a, b], {a.replica_id, b.replica_id}, loads, 2, last=a.replica_id)[0] == [b]
     assert rank("t", [a, b], set(), Counter({a.replica_id: 0, b.replica_id: 0}), 2, last=b.replica_id)[0] == [b]
+
+
+def test_only_a_valid_task_the_key_may_use_steers_routing():
+    """Issue 23: a client named a replica with `@replica:<id>` (an unknown one left the request pending), and
+    any string it sent, authenticated or not, became router state; nested JSON raised RecursionError (500)."""
+    from server.auth import OPEN_TENANT, Tenant
+    from server.scaleout.ingress_guard import routing_task
+
+    acme = Tenant("acme", ("acme-*",), is_admin=False, may_use_base_model=True)
+
+    def body(task_id) -> bytes:
+        return json.dumps({"inputs": "x", "task_id": task_id}).encode()
+    assert routing_task(acme, "POST", "/generate", body("acme-a")) == "acme-a"
+    assert routing_task(OPEN_TENANT, "POST", "/v1/completions", json.dumps({"model": "other"}).encode()) == "other"
+    for task_id in (TARGET_PREFIX + "abc", "x" * 129, "../etc", "acme-a/b", "globex-a", "a" * 100_000):
+        assert routing_task(acme, "POST", "/generate", body(task_id)) == "", task_id
+    assert routing_task(acme, "PUT", "/v1/tasks/" + TARGET_PREFIX + "abc", b"") == ""
+    deep = b'{"task_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert routing_task(acme, "POST", "/generate", deep) == ""

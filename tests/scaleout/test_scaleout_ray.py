@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -42,7 +43,8 @@ def cluster(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     adapters = write_peft_adapters(model, root / "store", {**TASKS, **BURST})
     keys = root / "keys.yaml"
-    keys.write_text(json.dumps({"keys": [{"key": ADMIN, "tenant": "ops", "tasks": ["*"], "admin": True},
+    keys.write_text(json.dumps({"keys": [{"key": ADMIN, "tenant": "ops", "tasks": ["*"], "admin": True,
+                                          "operator": True},  # sees the replica ids and server-wide metrics
                                          {"key": USER, "tenant": "t1", "tasks": ["alpha", "beta"]}]}))
     port = free_port()
     log = open(root / "server.log", "w")
@@ -79,7 +81,9 @@ def _wait_for_replicas(url: str, num: int) -> None:
     deadline = time.monotonic() + 300
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         while True:
-            replies = list(pool.map(lambda _: httpx.get(f"{url}/ready", timeout=10), range(8)))
+            # The operator's key: only an operator learns which replica answered.
+            replies = list(pool.map(lambda _: httpx.get(f"{url}/ready", timeout=10,
+                                                        headers={"Authorization": f"Bearer {ADMIN}"}), range(8)))
             if {r.headers.get("x-promptserve-replicas-live") for r in replies} == {str(num)} \
                     and len({r.headers.get("x-promptserve-replica") for r in replies}) == num:
                 return
@@ -265,6 +269,34 @@ def test_api_keys_and_scopes_as_in_one_process(cluster):
     with httpx.Client(base_url=url, timeout=60) as c:
         assert_error(_generate(c, "alpha", "x", 1), 401)  # no key at all
         assert c.get("/health").status_code == 200  # open, as in one process
+
+
+def test_the_ingress_checks_key_and_size_before_it_forwards_and_lets_nobody_pick_a_replica(cluster):
+    """Issue 23: the ingress buffered any body (the 1 MiB limit lived only in the replicas), a client could
+    force `@replica:<id>` (an unknown id left the request pending), replica ids leaked to every key, and
+    nested JSON was a 500."""
+    url, _, _ = cluster
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:  # no key, 50 MB announced, none sent
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 50000000\r\n\r\n{")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 401"), "the key is checked on the headers alone"
+    with _client(url, USER) as c:
+        assert_error(c.post("/generate", json={"task_id": "alpha", "inputs": "x" * (2 << 20)}), 413)
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(40):
+                yield b"x" * 65536
+        assert_error(c.post("/generate", content=chunks(), headers={"content-type": "application/json"}), 413)
+        deep = b'{"task_id": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+        r = c.post("/generate", content=deep, headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500, r.text[:200]
+        for forced in ("@replica:no-such-replica", "@replica:"):
+            assert_error(_generate(c, forced, "x", 1), 400)  # at once, from a replica: never pending
+        r = _generate(c, "alpha", "x", 1)
+        assert r.status_code == 200 and "x-promptserve-replica" not in r.headers
+    with _client(url, ADMIN) as c:  # an operator's key sees which replica answered
+        assert "x-promptserve-replica" in _generate(c, "alpha", "x", 1).headers
 
 
 def test_a_killed_replica_fails_only_its_own_requests(cluster):
