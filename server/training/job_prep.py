@@ -48,7 +48,13 @@ def prepare(state: TrainingState, job: dict, facts: ModelFacts) -> Prepared:
     n = job["prompt_tuning"]["num_virtual_tokens"]
 
     def read(file_id: str) -> list[Example]:
-        examples = read_jsonl(state.file_data(file_id), facts.tokenizer, is_encoder_decoder=is_seq2seq)
+        if state.file(file_id) is None:
+            raise ValueError(f"file {file_id} was deleted or has expired")
+        try:
+            data = state.file_data(file_id)
+        except OSError as exc:  # the message without the server's path: the job's owner reads it
+            raise ValueError(f"file {file_id} cannot be read ({exc.strerror})") from None
+        examples = read_jsonl(data, facts.tokenizer, is_encoder_decoder=is_seq2seq)
         _check_positions(file_id, examples, n, facts.max_positions, is_seq2seq)
         return examples
 
