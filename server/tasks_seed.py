@@ -39,7 +39,7 @@ def trained_task_folder(task_id: str) -> Path:
     return Path(str(resources.files("server").joinpath("data/demo_tasks", task_id)))
 
 
-def seed_demo_tasks(store, loaded, demo: str = TINY) -> list[str]:
+def seed_demo_tasks(store, loaded, demo: str) -> list[str]:
     """Create each demo task of `demo` (DEFAULT or TINY) that is missing; existing ones (maybe edited by
     the user) are kept."""
     created = []

@@ -1,4 +1,4 @@
-"""`promptserve serve` as a user starts it: a subprocess on the embedded demo model, stopped by SIGTERM."""
+"""`promptserve serve` as a user starts it: a subprocess on the tiny demo model (demo-tiny), stopped by SIGTERM."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_help_documents_every_flag_and_its_env(capsys):
 def test_serve_demo_model_subprocess(tmp_path):
     port = free_port()
     env = {**os.environ, "PROMPTSERVE_PORT": str(port), "PROMPTSERVE_MAX_BATCH_SIZE": "4"}
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(tmp_path / "prompts"),
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "demo-tiny", "--store", str(tmp_path / "prompts"),
            "--demo-cache-dir", str(tmp_path / "cache")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
