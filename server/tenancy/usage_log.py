@@ -176,10 +176,11 @@ class UsageLog:
 
     def _delete_old(self) -> None:
         oldest = self._clock() - self._retention_days * 86_400
+        first_kept = int(oldest // 86_400) * 86_400  # the first hour of the oldest day whose file is kept
         with self._read_lock:  # the totals of deleted days go with their files
-            for key in [k for k in self._totals if k[2] < oldest - 86_400]:
+            for key in [k for k in self._totals if k[2] < first_kept]:
                 del self._totals[key]
-            for key in [k for k in self._num_tasks if k[1] < oldest - 86_400]:
+            for key in [k for k in self._num_tasks if k[1] < first_kept]:
                 del self._num_tasks[key]
         cutoff = time.strftime("%Y-%m-%d", time.gmtime(oldest))
         for path in self.folder.glob("usage-*.jsonl"):

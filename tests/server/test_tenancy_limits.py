@@ -160,6 +160,8 @@ def test_usage_is_appended_read_by_another_process_and_rotated(tmp_path):
     clock.now += 3 * DAY
     mine.append("acme", "t1", Counts(requests=1))  # rotation deletes files older than the retention
     assert sorted(p.name for p in tmp_path.iterdir()) == ["usage-1970-01-15.a.jsonl"]
+    # Issue 23: the totals of deleted days leave memory with their files (they grew without bound).
+    assert [r.hour // DAY for r in mine.rows(None, 0, clock.now + 1)] == [14]
     restarted = UsageLog(tmp_path, clock=clock, writer="c")
     assert [r.counts.requests for r in restarted.rows({"acme"}, 0, clock.now + 1)] == [1]
 
