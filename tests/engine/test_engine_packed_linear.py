@@ -25,7 +25,8 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_rows", [1, 5, 16, 40])  # float32: plain below MIN_FLOAT32_ROWS, packed from it
+# float32: plain below MIN_FLOAT32_ROWS, packed from it; padded to a bucket (40 -> 40, 70 -> 96); plain above 256
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 40, 70, 300])
 def test_packed_model_computes_what_the_plain_one_does(dtype, num_rows):
     model = _model(dtype)
     x = torch.randn(1, num_rows, 64).to(dtype)
@@ -87,3 +88,9 @@ def test_nothing_is_packed_when_the_copies_would_not_fit_in_half_the_free_memory
     assert type(model[0]) is nn.Linear
     assert packed_linear.pack_within(model, free_bytes=2 * needed) == needed
     assert type(model[0]) is packed_linear.PackedLinear
+
+
+def test_row_counts_share_a_few_buckets():
+    """oneDNN keeps a primitive per row count: the packed product sees at most 14 per weight."""
+    buckets = {packed_linear.row_bucket(n) for n in range(1, packed_linear.MAX_PACKED_ROWS + 1)}
+    assert len(buckets) == 14 and all(packed_linear.row_bucket(n) >= n for n in range(1, 257))

@@ -78,14 +78,15 @@ class PeftReferee:
         for name in names[1:]:
             self.peft.load_adapter(adapters[name], adapter_name=name)
 
-    def run(self, task_id: str | None, text: str, max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    def run(self, task_id: str | None, text: str | list[int],
+            max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
         """`generate` (greedy) tokens, and per-step logits from one cache-free `forward` over the whole
-        sequence (causal: position k's logits see only what the k-th step saw)."""
+        sequence (causal: position k's logits see only what the k-th step saw). `text` may be token ids."""
         model = self.base
         if task_id is not None:
             self.peft.set_adapter(task_id)
             model = self.peft
-        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([text]) if isinstance(text, list) else self.tokenizer(text, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
