@@ -13,8 +13,12 @@ medians are reported. Each round sends new texts (same tasks and length ranges),
 it has seen. Greedy, ignore-EOS: both make exactly max_new tokens. "same" counts greedy outputs that
 are token-identical. Inter-token gaps are taken per token at the client: tokens that arrive in one burst (< 1 ms
 apart) give gaps near 0, so the JSON's tokens_per_burst says how bunched a side's stream was.
+`--suite memory` (P4 memory-bound, P5 shared prefixes, P5-chat multi-turn) and `--suite grid` (concurrency x
+new tokens) are described in peer_suites.py; both give the servers the same KV budget (--kv-gib) and run on a
+copy of the model declaring --max-positions (16384 for memory), or on --model-dir (e.g. SmolLM2-135M's folder).
 Run: python bench/bench_peer.py [--rounds 3] [--dtype float32|bfloat16|both] [--device cpu|cuda] [--scale 0.25]
      [--vllm-python /work/peer/vllm-venv/bin/python] [--tcmalloc .../libtcmalloc_minimal.so.4] [--json-out F]
+     [--suite classic|memory|grid] [--kv-gib 1] [--max-positions 16384] [--long-tokens 9000]
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import peer_servers as ps  # bench/ is on sys.path when this script runs
 from peer_load import arrivals_at, closed_loop, figures, open_loop, wait_quiet
+from peer_suite_run import run_suite
 
 TCMALLOC_DEFAULT = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
@@ -75,7 +80,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--start-timeout-s", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=None)
-    return p.parse_args()
+    p.add_argument("--suite", default="classic", choices=["classic", "memory", "grid"])
+    p.add_argument("--kv-gib", type=int, default=1, help="memory and grid suites: KV memory of both sides, GiB")
+    p.add_argument("--max-positions", type=int, default=None, help="memory/grid: the model's declared limit "
+                   "(default 16384 for memory, 2048 for grid)")
+    p.add_argument("--long-tokens", type=int, default=9000, help="P4: tokens of each long request")
+    args = p.parse_args()
+    if args.max_positions is None:
+        args.max_positions = 16384 if args.suite == "memory" else ps.MAX_POSITIONS
+    return args
 
 
 def scaled(workloads: tuple[Workload, ...], args: argparse.Namespace) -> list[Workload]:
@@ -270,13 +283,13 @@ def common_prefix(mine: list[int], peer: list[int]) -> float:
 def print_table(results: list[dict]) -> None:
     """One line per dtype and workload: tokens/s of each side, the ratio, identical greedy outputs (and the
     mean share of a promptserve output that vLLM repeats from its start), P3's latencies (ms)."""
-    print(f"{'dtype':<9}{'load':<5}{'promptserve tok/s':>18}{'vllm tok/s':>12}{'ps/vllm':>9}{'same (prefix)':>15}"
+    print(f"{'dtype':<9}{'load':<9}{'promptserve tok/s':>18}{'vllm tok/s':>12}{'ps/vllm':>9}{'same (prefix)':>15}"
           f"   TTFT p50/p99 ms (ps | vllm)   ITL p50/p99 ms (ps | vllm)")
     for result in results:
         for load, row in result["workloads"].items():
             mine, peer = row["promptserve"], row.get("vllm", {})
             same = f"{row['same'][0]}/{row['same'][1]} ({row['common_prefix']:.0%})" if "same" in row else "-"
-            line = (f"{result['dtype']:<9}{load:<5}{mine['tok_s']:>18.1f}{peer.get('tok_s', float('nan')):>12.1f}"
+            line = (f"{result['dtype']:<9}{load:<9}{mine['tok_s']:>18.1f}{peer.get('tok_s', float('nan')):>12.1f}"
                     f"{row.get('ratio', float('nan')):>9.2f}{same:>15}")
             if "ttft_p50" in mine:
                 lat = [f"{side.get(f'{k}_p50', float('nan')):.0f}/{side.get(f'{k}_p99', float('nan')):.0f}"
@@ -326,11 +339,12 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # KeyboardInterrupt: `finally` stops servers
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-peer-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"device {args.device} ({machine()}); model {ps.LAYERS}x{ps.HIDDEN} llama; work dir {work}", flush=True)
+    model = args.model_dir or f"{ps.LAYERS}x{ps.HIDDEN} llama"
+    print(f"device {args.device} ({machine()}); model {model}; suite {args.suite}; work dir {work}", flush=True)
     results = []
     for dtype in (["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]):
         print(f"== {dtype}", flush=True)
-        results.append(run_dtype(args, dtype, work))
+        results.append(run_dtype(args, dtype, work) if args.suite == "classic" else run_suite(args, dtype, work))
         print_table(results[-1:])  # this dtype's figures now, in case a later one fails
     print_table(results)
     record = {"device": args.device, "machine": machine(), "rounds": args.rounds, "scale": args.scale,

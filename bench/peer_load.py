@@ -24,6 +24,24 @@ async def closed_loop(side, reqs: list[ps.Request]) -> tuple[list[ps.Reply], flo
         return list(replies), time.perf_counter() - start
 
 
+async def clients_loop(side, reqs: list[ps.Request], concurrency: int | None,
+                       stream: bool) -> tuple[list[ps.Reply], float]:
+    """`concurrency` clients (None: one per request) each sending its next request when the last one
+    ended, streamed or not; replies in request order and the wall time."""
+    queue = list(enumerate(reqs))[::-1]
+    replies: list[ps.Reply | None] = [None] * len(reqs)
+
+    async def client_loop(client):
+        while queue:
+            index, req = queue.pop()
+            replies[index] = await (side.stream(client, req) if stream else side.generate(client, req))
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=512)) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency or len(reqs))))
+        return list(replies), time.perf_counter() - start
+
+
 async def open_loop(side, reqs: list[ps.Request], arrivals: list[float], max_s: float) -> tuple[list, float]:
     """Streamed requests sent at their arrival offsets (s) up to max_s; any still running at 2 * max_s + 60 s
     is cancelled and counted as an error. Replies and wall time."""

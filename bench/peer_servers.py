@@ -48,8 +48,9 @@ class Reply:
     error: str | None = None
 
 
-def build_model_dir(path: Path) -> Path:
-    """An 8-layer, hidden 512 Llama with the demo tokenizer, saved with save_pretrained (once)."""
+def build_model_dir(path: Path, max_positions: int = MAX_POSITIONS) -> Path:
+    """An 8-layer, hidden 512 Llama with the demo tokenizer, saved with save_pretrained (once). RoPE has no
+    position table: `max_positions` only sets the limit the config declares (long-context suites)."""
     import transformers as tf
 
     from server.demo import demo_corpus, model_config, train_tokenizer
@@ -58,7 +59,7 @@ def build_model_dir(path: Path) -> Path:
         return path
     tokenizer = train_tokenizer(demo_corpus(), vocab_size=512)
     config = model_config("llama", tokenizer, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
-                          max_positions=MAX_POSITIONS)
+                          max_positions=max_positions)
     config.intermediate_size, config.num_key_value_heads, config.initializer_range = INTERMEDIATE, HEADS, INIT_STD
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config)
@@ -68,16 +69,17 @@ def build_model_dir(path: Path) -> Path:
     return path
 
 
-def write_tasks(store: Path, prefix: str, num_tasks: int, num_virtual: int, seed: int) -> dict[str, torch.Tensor]:
-    """PEFT prompt-tuning adapter folders `{prefix}{i}` of N(0, 1) rows; returns task -> [num_virtual, HIDDEN]."""
+def write_tasks(store: Path, prefix: str, num_tasks: int, num_virtual: int, seed: int,
+                hidden: int = HIDDEN) -> dict[str, torch.Tensor]:
+    """PEFT prompt-tuning adapter folders `{prefix}{i}` of N(0, 1) rows; returns task -> [num_virtual, hidden]."""
     from prompt_store.peft_format import CONFIG_NAME, SAFETENSORS_NAME, build_config, build_weights, version_of
 
     gen, prompts = torch.Generator().manual_seed(seed), {}
     for i in range(num_tasks):
-        task_id, rows = f"{prefix}{i:02d}", torch.randn(num_virtual, HIDDEN, generator=gen)  # [n, D]
+        task_id, rows = f"{prefix}{i:02d}", torch.randn(num_virtual, hidden, generator=gen)  # [n, D]
         folder = store / task_id
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_bytes(build_config("CAUSAL_LM", num_virtual, HIDDEN, None))
+        (folder / CONFIG_NAME).write_bytes(build_config("CAUSAL_LM", num_virtual, hidden, None))
         (folder / SAFETENSORS_NAME).write_bytes(build_weights(rows, version_of(rows), time.time()))
         prompts[task_id] = rows
     return prompts
@@ -205,9 +207,11 @@ def start_promptserve(model_dir: Path, store: Path, dtype: str, device: str, ext
     return ServerProcess("promptserve", cmd, env, log, port, "/ready")
 
 
-def vllm_env(python: str, tcmalloc: str | None, device: str) -> dict[str, str]:
-    """Environment of vLLM's CPU build (ENVIRONMENT.md): tcmalloc + libiomp5 preloaded, both cores bound."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+def vllm_env(python: str, tcmalloc: str | None, device: str, kv_gib: int | None = None) -> dict[str, str]:
+    """Environment of vLLM's CPU build (ENVIRONMENT.md): tcmalloc + libiomp5 preloaded, both cores bound;
+    `kv_gib`: its KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB; default 2)."""
+    space = str(kv_gib) if kv_gib else os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=space)
     if device != "cpu":
         return env
     iomp = Path(python).parent.parent / "lib" / "libiomp5.so"  # the venv's lib/, not the resolved interpreter's
@@ -218,13 +222,13 @@ def vllm_env(python: str, tcmalloc: str | None, device: str) -> dict[str, str]:
 
 
 def start_vllm(python: str, tcmalloc: str | None, model_dir: Path, dtype: str, device: str, extra: str,
-               log: Path) -> ServerProcess:
+               log: Path, max_len: int = MAX_POSITIONS, kv_gib: int | None = None) -> ServerProcess:
     """vLLM's OpenAI server with prompt embeddings and prefix caching on a free port."""
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name",
            "peer", "--port", str(port), "--host", "127.0.0.1", "--enable-prompt-embeds", "--enable-prefix-caching",
-           "--block-size", "32", "--dtype", dtype, "--max-model-len", str(MAX_POSITIONS), *shlex.split(extra)]
-    return ServerProcess("vllm", cmd, vllm_env(python, tcmalloc, device), log, port, "/health")
+           "--block-size", "32", "--dtype", dtype, "--max-model-len", str(max_len), *shlex.split(extra)]
+    return ServerProcess("vllm", cmd, vllm_env(python, tcmalloc, device, kv_gib), log, port, "/health")
 
 
 async def sse_events(client: httpx.AsyncClient, url: str, body: dict, reply: Reply) -> AsyncIterator[dict]:
