@@ -195,3 +195,21 @@ def test_memory_returns_to_idle_after_thousands_of_requests(make_engine):
     # Resident memory after warm-up: flat (it grew 50 MiB per 1,000 requests when oneDNN kept a primitive
     # for every row count of the prepacked products: packed_linear.row_bucket).
     assert rss[-1] - rss[len(rss) // 4] < 16 << 20
+
+
+def test_rows_at_once_fill_the_kv_budget(make_engine):
+    """Tokens in flight, not rows, are bounded: 64 requests of 64-token contexts (4 blocks) on a budget of
+    128 blocks run at least 90 % of 128 / 4 = 32 at once (the watermark keeps 1 block free)."""
+    per_token = 2 * 2 * 2 * 16 * 4
+    engine = make_engine(max_batch_size=64, kv_cache_memory=128 * 16 * per_token, prefix_caching=False)
+    running: list[int] = []
+    engine.logits_tap = lambda rid, k, logits: running.append(engine.stats().num_running)  # worker thread
+
+    async def crowd():
+        streams = [await engine.submit(list(range(3, 43)), task_id=None, params=greedy(24)) for _ in range(64)]
+        return [await s.result() for s in streams]
+
+    results = run(crowd())
+    assert all(r.generated_tokens == 24 for r in results)
+    print(f"rows at once: {max(running)} of {128 // 4} (budget / context)")
+    assert max(running) >= 0.9 * 128 / 4, max(running)
