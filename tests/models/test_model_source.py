@@ -15,7 +15,7 @@ from safetensors import safe_open
 from server.cached_folder import build_once
 from server.cli import main
 from server.gguf_convert import GGUFError, architecture
-from server.model_source import DEFAULT, DEFAULT_GGUF, ModelSourceError, locate, materialize
+from server.model_source import DEFAULT, DEFAULT_GGUF, ModelSourceError, converted_name, locate, materialize
 
 
 def test_default_model_is_smollm2_from_the_wheel(default_model_dir, default_loaded):
@@ -83,6 +83,19 @@ def _write_gguf(path: Path, arch: str) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def test_converted_folder_is_named_by_content(tmp_path):
+    """A copy elsewhere with another mtime (as a Docker layer restores it) finds the same folder; a file
+    with other contents gets another."""
+    first = _write_gguf(tmp_path / "a.gguf", "llama")
+    (tmp_path / "elsewhere").mkdir()
+    copy = tmp_path / "elsewhere" / "a.gguf"
+    copy.write_bytes(first.read_bytes())
+    os.utime(copy, ns=(1, 1))
+    assert converted_name(copy) == converted_name(first)
+    other = _write_gguf(tmp_path / "elsewhere" / "b.gguf", "qwen2")
+    assert converted_name(other).split("-")[-1] != converted_name(first).split("-")[-1]
 
 
 def test_unknown_gguf_architecture_is_a_clear_error(tmp_path):
