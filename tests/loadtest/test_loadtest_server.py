@@ -136,7 +136,7 @@ def test_existing_tasks_pages_through_the_whole_listing(real_server):
 
 
 KEYS = {"keys": [
-    {"key": "sk-ops-000000", "tenant": "ops", "tasks": ["*"], "admin": True},
+    {"key": "sk-ops-000000", "tenant": "ops", "tasks": ["*"], "admin": True, "operator": True},
     {"key": "sk-acme-00001", "tenant": "acme", "tasks": ["*"]},
     {"key": "sk-acme-00002", "tenant": "acme", "tasks": ["*"]},
     {"key": "sk-beta-00003", "tenant": "beta", "tasks": ["*"]},
@@ -163,7 +163,7 @@ def test_tenants_against_a_server_with_api_keys(tiny_model_dir, tmp_path_factory
         assert list(tenants) == ["ops", "acme", "beta"] and sum(t["num_ok"] for t in tenants.values()) == 24
         assert all(t["num_ok"] > 0 and t["latency"]["p99"] > 0 and t["first_token"]["p50"] > 0
                    for t in tenants.values())
-        assert report["counts"]["is_match"] is True  # /metrics read with --api-key (an admin's)
+        assert report["counts"]["is_match"] is True  # /metrics read with --api-key (an operator's: server-wide series)
         report = run("mixed", "--tenants", str(mixed), "--requests", "20", "--concurrency", "2")
         acme, ghost = report["tenants"]["acme"], report["tenants"]["ghost"]
         assert acme["by_status"] == {"200": acme["num_requests"]} and acme["num_requests"] > 0
