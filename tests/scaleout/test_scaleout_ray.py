@@ -96,8 +96,11 @@ def _client(url: str, key: str = ADMIN) -> httpx.Client:
 
 
 def _generate(c: httpx.Client, task: str, text: str, max_new: int = 6) -> httpx.Response:
+    """`max_new` tokens exactly (EOS ignored): a burst's requests stay in flight as long as the test needs,
+    whatever the random model answers (one that ended early at EOS left a burst on one replica: a CI failure)."""
     return c.post("/generate", json={"task_id": task, "inputs": text,
-                                     "parameters": {"max_new_tokens": max_new, "details": True}})
+                                     "parameters": {"max_new_tokens": max_new, "details": True,
+                                                    "ignore_eos_token": True}})
 
 
 def test_a_tasks_requests_stay_on_one_replica(cluster):
