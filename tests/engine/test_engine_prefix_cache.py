@@ -10,12 +10,11 @@ import os
 
 import pytest
 
-from prompt_store.store import PromptStore
-from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.model_loader import load_model
 from server.engine.types import SamplingParams
 from tests.engine.conftest import run, write_peft_adapters
+from tests.engine.test_engine_paged import make_engine  # noqa: F401 - a fixture (over this module's setup)
 from tests.engine.test_engine_parity import PeftReferee
 
 TEMPLATE = ("You are a careful assistant. Read the review below and answer with one word, positive or "
@@ -32,23 +31,6 @@ def setup(engine_model_dir, tmp_path_factory):
     adapters = write_peft_adapters(model_dir, root, TASKS)
     loaded = load_model(str(model_dir), device="cpu")
     return model_dir, loaded, root, PeftReferee(model_dir, adapters)
-
-
-@pytest.fixture
-def make_engine(setup):
-    _, loaded, root, _ = setup
-    engines = []
-
-    def make(**config) -> Engine:
-        engine = Engine(loaded, PromptStore(root, token_dim=loaded.hidden_size), EngineConfig(**config))
-        assert engine.memory is not None
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.stop(grace_s=0)
 
 
 def greedy(n: int) -> SamplingParams:
