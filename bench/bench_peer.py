@@ -30,14 +30,13 @@ import json
 import os
 import random
 import signal
-import statistics
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 
 import peer_servers as ps  # bench/ is on sys.path when this script runs
-from peer_load import arrivals_at, closed_loop, figures, open_loop, wait_quiet
+from peer_load import arrivals_at, closed_loop, figures, open_loop, summary_row, wait_quiet
 from peer_suite_run import run_suite
 
 TCMALLOC_DEFAULT = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -257,27 +256,8 @@ def run_rounds(bench: Bench, rate: float) -> None:
 
 def summarize(bench: Bench) -> dict:
     """Per workload: each side's median figures, the median per-round ratio, and identical greedy outputs."""
-    out = {}
-    for w in bench.workloads:
-        row = {}
-        for name in bench.sides:
-            figs = bench.rounds[(w.name, name)]
-            keys = [k for k in figs[0] if isinstance(figs[0][k], (int, float))]
-            row[name] = {k: round(statistics.median(f[k] for f in figs), 2) for k in keys}
-        if "vllm" in bench.sides:
-            pairs = zip(bench.rounds[(w.name, "promptserve")], bench.rounds[(w.name, "vllm")])
-            row["ratio"] = round(statistics.median(a["tok_s"] / b["tok_s"] for a, b in pairs), 3)
-            mine, peer = bench.outputs[(w.name, "promptserve")], bench.outputs[(w.name, "vllm")]
-            row["same"] = [sum(a == b and bool(a) for a, b in zip(mine, peer)), len(mine)]
-            row["common_prefix"] = round(statistics.mean(common_prefix(a, b) for a, b in zip(mine, peer)), 3)
-        out[w.name] = row
-    return out
-
-
-def common_prefix(mine: list[int], peer: list[int]) -> float:
-    """Share of `mine` (from its start) that `peer` repeats token for token."""
-    num_same = next((i for i, (a, b) in enumerate(zip(mine, peer)) if a != b), min(len(mine), len(peer)))
-    return num_same / max(1, len(mine))
+    return {w.name: summary_row({n: bench.rounds[(w.name, n)] for n in bench.sides},
+                                {n: bench.outputs[(w.name, n)] for n in bench.sides}) for w in bench.workloads}
 
 
 def print_table(results: list[dict]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import statistics
 import time
 
 import httpx
@@ -83,6 +84,28 @@ def figures(replies: list[ps.Reply], wall: float) -> dict:
                    itl_p99=percentile(itl, 99), completed=len(timed),
                    tokens_per_burst=sum(len(r.ids) for r in timed) / (len(timed) + sum(g > 1 for g in itl)))
     return out
+
+
+def summary_row(rounds: dict[str, list[dict]], outputs: dict[str, list[list[int]]]) -> dict:
+    """One load's summary from each side's per-round figures: the medians, and against vLLM the median
+    per-round tokens/s ratio, identical greedy outputs, and the mean share of an output vLLM repeats."""
+    row = {}
+    for name, figs in rounds.items():
+        keys = [k for k in figs[0] if isinstance(figs[0][k], (int, float))]
+        row[name] = {k: round(statistics.median(f[k] for f in figs), 2) for k in keys}
+    if "vllm" in rounds:
+        pairs = zip(rounds["promptserve"], rounds["vllm"])
+        row["ratio"] = round(statistics.median(a["tok_s"] / b["tok_s"] for a, b in pairs), 3)
+        mine, peer = outputs["promptserve"], outputs["vllm"]
+        row["same"] = [sum(a == b and bool(a) for a, b in zip(mine, peer)), len(mine)]
+        row["common_prefix"] = round(statistics.mean(common_prefix(a, b) for a, b in zip(mine, peer)), 3)
+    return row
+
+
+def common_prefix(mine: list[int], peer: list[int]) -> float:
+    """Share of `mine` (from its start) that `peer` repeats token for token."""
+    num_same = next((i for i, (a, b) in enumerate(zip(mine, peer)) if a != b), min(len(mine), len(peer)))
+    return num_same / max(1, len(mine))
 
 
 def wait_quiet(servers: list, timeout_s: float = 20.0) -> None:

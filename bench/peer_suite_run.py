@@ -8,13 +8,12 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 from contextlib import ExitStack
 from pathlib import Path
 
 import peer_servers as ps
 import peer_suites
-from peer_load import clients_loop, figures, wait_quiet
+from peer_load import clients_loop, figures, summary_row, wait_quiet
 
 
 def _hidden(model_dir: Path) -> int:
@@ -103,24 +102,5 @@ def run_suite(args: argparse.Namespace, dtype: str, work: Path) -> dict:
 
 def summarize(cells: list, sides: dict, rounds: dict, outputs: dict) -> dict:
     """Per cell: each side's median figures, the median per-round tokens/s ratio, identical outputs."""
-    out = {}
-    for cell in cells:
-        row = {}
-        for name in sides:
-            figs = rounds[(cell.name, name)]
-            keys = [k for k in figs[0] if isinstance(figs[0][k], (int, float))]
-            row[name] = {k: round(statistics.median(f[k] for f in figs), 2) for k in keys}
-        if "vllm" in sides:
-            pairs = list(zip(rounds[(cell.name, "promptserve")], rounds[(cell.name, "vllm")]))
-            row["ratio"] = round(statistics.median(a["tok_s"] / b["tok_s"] for a, b in pairs), 3)
-            mine, peer = outputs[(cell.name, "promptserve")], outputs[(cell.name, "vllm")]
-            row["same"] = [sum(a == b and bool(a) for a, b in zip(mine, peer)), len(mine)]
-            row["common_prefix"] = round(statistics.mean(_common_prefix(a, b) for a, b in zip(mine, peer)), 3)
-        out[cell.name] = row
-    return out
-
-
-def _common_prefix(mine: list[int], peer: list[int]) -> float:
-    """Share of `mine` (from its start) that `peer` repeats token for token."""
-    num_same = next((i for i, (a, b) in enumerate(zip(mine, peer)) if a != b), min(len(mine), len(peer)))
-    return num_same / max(1, len(mine))
+    return {cell.name: summary_row({n: rounds[(cell.name, n)] for n in sides},
+                                   {n: outputs[(cell.name, n)] for n in sides}) for cell in cells}
