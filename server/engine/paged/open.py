@@ -19,12 +19,11 @@ import torch
 from server.engine.config import EngineConfig
 from server.engine.faults import FaultInjector
 from server.engine.model_loader import LoadedModel
-from server.engine.paged import attention, probe, sizing, step_plan
+from server.engine.paged import attention, probe, sizing
 from server.engine.paged.cpu import native_check, native_decode, packed_linear
 from server.engine.paged.cpu.native_decode import NativeDecode
 from server.engine.paged.kv_memory import PagedKV
 from server.engine.paged.runner import PagedRunner, discover_geometry
-from server.engine.paged.step_plan import Chunk
 from server.engine.paged.worker import PagedWorker
 from server.engine.scheduler import Scheduler
 
@@ -87,7 +86,7 @@ def probe_step(runner: PagedRunner, native: NativeDecode | None) -> str | None:
     memory = runner.memory
     runner.attach(PagedKV(runner.geometry, runner.probe.num_blocks, probe.BLOCK_TOKENS, native=native))
     try:
-        return probe.run(runner.probe, runner.forward, Chunk, step_plan.order)
+        return probe.run(runner.probe, runner.forward)
     finally:
         runner.attach(memory)
 

@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 import torch
 
+from server.engine.paged import step_plan
 from server.engine.paged.attention import stock_attention
+from server.engine.paged.step_plan import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ def _reference(model: Any, request: ProbeRequest) -> torch.Tensor:
     return logits.double()
 
 
-def run(probe: Probe, forward: Callable[[list], torch.Tensor], make_chunk: Callable, order: Callable) -> str | None:
+def run(probe: Probe, forward: Callable[[list[Chunk]], torch.Tensor]) -> str | None:
     """Drive the requests through `forward` (the engine's step on a fresh KV place per request); None when
     every sampled logit is within tolerance of its reference, else the reason."""
     requests = probe.requests
@@ -112,13 +114,13 @@ def run(probe: Probe, forward: Callable[[list], torch.Tensor], make_chunk: Calla
         for r in requests:
             known = r.num_virtual_tokens + len(r.prompt_ids)
             if done[r.request_id] < known:  # prefill, in chunks
-                chunks.append(make_chunk(r, done[r.request_id], min(CHUNK_TOKENS, known - done[r.request_id])))
+                chunks.append(Chunk(r, done[r.request_id], min(CHUNK_TOKENS, known - done[r.request_id])))
             elif len(r.generated) < NUM_DECODE_STEPS:
                 r.generated = r.future[:len(r.generated) + 1]
-                chunks.append(make_chunk(r, done[r.request_id], 1))
+                chunks.append(Chunk(r, done[r.request_id], 1))
         if not chunks:
             break
-        chunks = order(chunks)
+        chunks = step_plan.order(chunks)
         logits = forward(chunks)  # [num_sampling, V], in chunk order
         sampling = [c for c in chunks if c.is_sampling]
         for chunk, row in zip(sampling, logits):
