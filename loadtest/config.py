@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loadtest.distributions import Distribution
-from loadtest.tenant_mix import noisy_concurrency
 from loadtest.tenants import TenantSpec
 
 # Hard caps: a run can never be asked for more than this, whatever the flags say.
@@ -15,6 +14,11 @@ MAX_CONCURRENCY = 4096
 MAX_TASKS = 10_000
 DEFAULT_NOISY_FACTOR = 10.0
 MAX_NOISY_FACTOR = 1000.0
+
+
+def noisy_concurrency(concurrency: int, factor: float) -> int:
+    """The noisy tenant's workers: `factor` times a steady tenant's, rounded, at least one."""
+    return max(1, round(concurrency * factor))
 
 
 class ConfigError(ValueError):

@@ -11,12 +11,9 @@ import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from loadtest.config import LoadConfig, noisy_concurrency
 from loadtest.tenants import TenantSpec
-
-if TYPE_CHECKING:
-    from loadtest.config import LoadConfig
 
 
 @dataclass(frozen=True)
@@ -27,11 +24,6 @@ class TenantStream:
     rate: float  # open loop: Poisson arrivals per second
     concurrency: int  # closed loop: workers
     is_noisy: bool
-
-
-def noisy_concurrency(concurrency: int, factor: float) -> int:
-    """The noisy tenant's workers: `factor` times a steady tenant's, rounded, at least one."""
-    return max(1, round(concurrency * factor))
 
 
 def tenant_streams(config: LoadConfig) -> list[TenantStream]:

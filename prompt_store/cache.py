@@ -12,7 +12,7 @@ from prompt_store.errors import PromptStoreError, TaskNotFound
 from prompt_store.folder_io import Signature
 from prompt_store.soft_prompt import SoftPrompt
 from prompt_store.tiers import CacheEntry, LruTier
-from prompt_store.types import StoreStats
+from prompt_store.types import StoreCounters, StoreStats
 
 
 class _Flight:
@@ -25,16 +25,6 @@ class _Flight:
         self.is_stale = False  # a put/delete/refresh happened meanwhile: hand out, but do not cache
 
 
-@dataclasses.dataclass
-class _Counters:
-    hits: int = 0
-    misses: int = 0
-    loads: int = 0
-    load_errors: int = 0
-    not_found: int = 0
-    evictions: int = 0  # entries that left memory altogether (host tier full)
-
-
 class TieredCache:
     """Device LRU -> host LRU -> loader; every method is thread-safe and a hit is O(1)."""
 
@@ -44,7 +34,7 @@ class TieredCache:
         self._host_tier = LruTier(max_host_bytes)
         self._pins: dict[tuple[str, str], list[int]] = {}  # (task, version) -> [count, num_bytes]
         self._flights: dict[str, _Flight] = {}
-        self._counters = _Counters()
+        self._counters = StoreCounters()
         self._lock = threading.Lock()
 
     def get_or_load(self, task_id: str, load: Callable[[], CacheEntry], *, pin: bool) -> SoftPrompt:
@@ -145,10 +135,9 @@ class TieredCache:
     def stats(self) -> StoreStats:
         """Counters and tier fill, read under the lock (a consistent snapshot)."""
         with self._lock:
-            c = self._counters
             pinned_bytes = sum(num_bytes for _, num_bytes in self._pins.values())
-            return StoreStats(c.hits, c.misses, c.loads, c.load_errors, c.not_found, c.evictions,
-                              self._device_tier.stats(), self._host_tier.stats(), len(self._pins), pinned_bytes)
+            return StoreStats(**dataclasses.asdict(self._counters), device=self._device_tier.stats(),
+                              host=self._host_tier.stats(), pinned=len(self._pins), pinned_bytes=pinned_bytes)
 
     # ---- under the lock ----
     def _lookup(self, task_id: str) -> SoftPrompt | None:

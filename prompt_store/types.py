@@ -28,37 +28,23 @@ class TierStats:
     max_bytes: int
 
 
-@dataclass(frozen=True)
-class StoreStats:
-    """Counters since the store was opened, and the current fill of each tier."""
+@dataclass
+class StoreCounters:
+    """What the store has counted since it was opened (the cache counts under its lock)."""
 
-    hits: int
-    misses: int
-    loads: int
-    load_errors: int
-    not_found: int
-    evictions: int
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_errors: int = 0
+    not_found: int = 0
+    evictions: int = 0  # entries that left memory altogether (host tier full)
+
+
+@dataclass(kw_only=True)
+class StoreStats(StoreCounters):
+    """A snapshot: the counters since the store was opened, and the current fill of each tier."""
+
     device: TierStats
     host: TierStats
     pinned: int  # distinct (task, version) pairs held by in-flight requests
     pinned_bytes: int
-
-    @property
-    def device_bytes(self) -> int:
-        """Bytes held by the device tier."""
-        return self.device.num_bytes
-
-    @property
-    def device_entries(self) -> int:
-        """Prompts held by the device tier."""
-        return self.device.num_entries
-
-    @property
-    def host_bytes(self) -> int:
-        """Bytes held by the host tier."""
-        return self.host.num_bytes
-
-    @property
-    def host_entries(self) -> int:
-        """Prompts held by the host tier."""
-        return self.host.num_entries

@@ -16,22 +16,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompt_store.errors import InvalidPrompt, InvalidTaskId, TaskNotFound
+from server.api_error import ApiError
 from server.auth import AuthError, ForbiddenError
 from server.engine.errors import EngineStopped, IncompatibleTask, InputTooLong, InvalidRequest, QueueFull, RequestFailed
 
 log = logging.getLogger("promptserve.errors")
 
 RETRY_AFTER_S = 1
-
-
-class ApiError(Exception):
-    """An error raised by the HTTP layer itself, with its status and type."""
-
-    def __init__(self, status: int, error_type: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.headers: dict[str, str] = {}  # sent with the error (a 429's Retry-After and x-ratelimit-*)
 
 
 class BodyTooLarge(StarletteHTTPException):

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import Request
 
 from prompt_store.task_ids import check_task_id
-from server.auth import OPEN_TENANT, ForbiddenError, Tenant
+from server.auth import ForbiddenError
 from server.auth_first import TENANT_STATE_KEY
 from server.engine.errors import EngineStopped
 from server.runtime import Runtime
+from server.tenancy.tenant import OPEN_TENANT, Tenant
 
 
 def get_runtime(request: Request) -> Runtime:

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from server.api.deps import get_runtime, get_tenant
 from server.api.responses import error_responses
 from server.api.training_access import lookup, owned, public, training_of
-from server.auth import Tenant
-from server.errors import ApiError
+from server.api_error import ApiError
 from server.runtime import Runtime
+from server.tenancy.tenant import Tenant
 from server.training.examples import ExampleError, ExampleLimits, longest, read_jsonl
 
 router = APIRouter(tags=["fine-tuning"])

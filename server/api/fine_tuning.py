@@ -18,9 +18,10 @@ from prompt_store.task_ids import check_task_id
 from server.api.deps import get_runtime, get_tenant
 from server.api.responses import error_responses
 from server.api.training_access import lookup, owned, public, training_of
-from server.auth import ForbiddenError, Tenant
-from server.errors import ApiError
+from server.api_error import ApiError
+from server.auth import ForbiddenError
 from server.runtime import Runtime
+from server.tenancy.tenant import Tenant
 from server.training.prompt_trainer import Hyperparameters
 from server.training.service import Training
 from server.training.state import ACTIVE_STATUSES, new_job

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import get_tenant
+from server.api.generation import Generation, GenerationCall, submit
 from server.api.responses import generation_responses
-from server.auth import Tenant
+from server.api_error import ApiError
 from server.engine.types import GenerationResult, SamplingParams, TokenEvent
-from server.errors import ApiError, stream_error
-from server.generation import Generation, GenerationCall, submit
+from server.errors import stream_error
 from server.schemas import (
     GenerateDetails,
     GenerateParameters,
@@ -23,6 +23,7 @@ from server.schemas import (
     StreamEvent,
     TokenOut,
 )
+from server.tenancy.tenant import Tenant
 
 router = APIRouter(tags=["generate"])
 

@@ -14,13 +14,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import check_use, get_runtime, get_tenant
+from server.api.generation import Generation, GenerationCall, submit
 from server.api.responses import error_responses, generation_responses
-from server.auth import Tenant
+from server.api_error import ApiError
 from server.engine.types import FINISH_LENGTH, GenerationResult, SamplingParams
-from server.errors import ApiError, stream_error
-from server.generation import Generation, GenerationCall, submit
+from server.errors import stream_error
 from server.runtime import Runtime
 from server.schemas import ChatRequest, CompletionRequest, _OpenAIBase
+from server.tenancy.tenant import Tenant
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -8,10 +8,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.deps import get_runtime, get_tenant, require_admin
 from server.api.responses import error_responses
-from server.auth import Tenant
 from server.engine.errors import EngineStopped
 from server.errors import error_response
 from server.runtime import Runtime
+from server.tenancy.tenant import Tenant
 
 router = APIRouter(tags=["operations"])
 

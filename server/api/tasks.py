@@ -14,10 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prompt_store.errors import TaskNotFound
 from server.api.deps import check_use, check_write, get_runtime, get_tenant
 from server.api.responses import error_responses
-from server.auth import Tenant
-from server.errors import ApiError
+from server.api_error import ApiError
 from server.runtime import Runtime
 from server.schemas import TaskInit, TaskList, TaskOut
+from server.tenancy.tenant import Tenant
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from fastapi import Request
 
 from server.api.deps import get_runtime
-from server.auth import Tenant
-from server.errors import ApiError
+from server.api_error import ApiError
+from server.tenancy.tenant import Tenant
 from server.training.service import Training
 
 HIDDEN_FIELDS = frozenset({"tenant", "num_examples", "longest_input", "longest_labels", "num_crashes", "was_paused"})

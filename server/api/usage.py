@@ -13,8 +13,9 @@ from pydantic import BaseModel
 
 from server.api.deps import get_tenant
 from server.api.responses import error_responses
-from server.auth import ForbiddenError, Tenant
-from server.errors import ApiError
+from server.api_error import ApiError
+from server.auth import ForbiddenError
+from server.tenancy.tenant import Tenant
 from server.tenancy.usage_log import Counts, UsageRow
 
 router = APIRouter(tags=["usage"])

@@ -9,27 +9,28 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from server.engine import validation
 from server.engine.config import EngineConfig
 from server.engine.errors import EngineStopped
 from server.engine.faults import FaultInjector
+from server.engine.hf_cache.open import open_hf_cache_worker
+from server.engine.hf_cache.worker import Worker
 from server.engine.model_loader import LoadedModel
-from server.engine.outbox import Outbox
 from server.engine.paged.kv_memory import PagedKV
 from server.engine.paged.open import open_paged_worker, probe_step
 from server.engine.paged.runner import warm_up
 from server.engine.paged.worker import PagedWorker
-from server.engine.runner import ModelRunner
-from server.engine.runner_seq2seq import Seq2SeqRunner
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
-from server.engine.stream import RequestStream
-from server.engine.types import NO_SHARE, EngineStats, KVStats, SamplingParams, Share
-from server.engine.worker import LogitsTap, Worker
+from server.engine.request import validation
+from server.engine.request.outbox import Outbox
+from server.engine.request.sequence import Sequence
+from server.engine.request.stream import RequestStream
+from server.engine.scheduling.scheduler import Scheduler
+from server.engine.types import NO_SHARE, EngineStats, KVStats, PromptTokens, SamplingParams, Share
+from server.engine.worker_base import LogitsTap
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +53,29 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._side_work: Any = None  # set_side_work(): training slices between steps
 
-    def _make_worker(self, release) -> Worker | PagedWorker:
-        """The paged engine when the model can run on it, else the legacy path (see paged/open.py)."""
+    def _make_worker(self, release: Callable[[Any], None]) -> Worker | PagedWorker:
+        """The paged path's worker when the model can run on it (see paged/open.py), else the DynamicCache
+        path's (hf_cache/open.py)."""
         worker = None
         if self.config.use_paged and not self.loaded.is_encoder_decoder:
             worker = open_paged_worker(self.loaded, self.fault_injector, self._scheduler, self.config, release,
                                        self._outbox.flush)
         if worker is None:
-            runner_type = Seq2SeqRunner if self.loaded.is_encoder_decoder else ModelRunner
-            return Worker(runner_type(self.loaded.model, self.fault_injector), self._scheduler, release,
-                          self._outbox.flush)
+            worker = open_hf_cache_worker(self.loaded, self.fault_injector, self._scheduler, release,
+                                          self._outbox.flush)
         return worker
 
     @property
     def memory(self) -> PagedKV | None:
         """The paged engine's KV memory (None on the legacy path)."""
         return self._worker.memory if isinstance(self._worker, PagedWorker) else None
+
+    @property
+    def runner(self) -> Any:
+        """The runner that calls the model (the paged path's PagedRunner, or the DynamicCache path's). Its
+        `forward` runs once per step, on the engine's thread: a benchmark may wrap it to time or profile
+        steps (bench/profile_step.py). Serving code has no use for it."""
+        return self._worker.runner
 
     def is_alive(self) -> bool:
         """Whether the worker thread is running (a replica's health check)."""
@@ -166,18 +174,20 @@ class Engine:
         """`stop()` without blocking the event loop."""
         await asyncio.to_thread(self.stop, grace_s)
 
-    def tokenize(self, inputs: str | list[int]) -> list[int]:
-        """The token ids `submit` would queue for `inputs` (422 errors for bad or too long inputs)."""
+    def tokenize(self, inputs: str | list[int]) -> PromptTokens:
+        """The token ids `submit` would queue for `inputs` (422 errors for bad or too long inputs); pass
+        them to `submit` as they are, and the text is not tokenized again."""
         ids = validation.tokenize(inputs, self.loaded.tokenizer, self.loaded.vocab_size)
         validation.check_input_length(len(ids), self.config)
-        return ids
+        return PromptTokens(ids)
 
-    async def submit(self, inputs: str | list[int], *, task_id: str | None, params: SamplingParams,
-                     request_id: str | None = None, share: Share = NO_SHARE) -> RequestStream:
-        """Validate, pin the task's prompt, queue; raises typed errors at once, never after queuing."""
+    async def submit(self, inputs: str | list[int] | PromptTokens, *, task_id: str | None,
+                     params: SamplingParams, request_id: str | None = None, share: Share = NO_SHARE) -> RequestStream:
+        """Validate, pin the task's prompt, queue; raises typed errors at once, never after queuing. `inputs`:
+        text, token ids, or what `tokenize` returned (then queued as they are)."""
         self._check_accepting()
         validation.check_params(params, self.config)
-        ids = self.tokenize(inputs)
+        ids = (inputs if isinstance(inputs, PromptTokens) else self.tokenize(inputs)).ids
         share = share if self.config.fair_share else NO_SHARE
         self._scheduler.check_room(share.tenant, share.weight)
         # A cold task reads its adapter from disk: never on the event loop.
@@ -199,13 +209,14 @@ class Engine:
                                  self.loaded.max_positions, self.loaded.is_encoder_decoder,
                                  None if self.memory is None else self.memory.num_tokens)
         seed = params.seed if params.seed is not None or not params.do_sample else secrets.randbits(63)
+        seq: Sequence  # the stream's cancel callback reads it when called, after it is assigned below
         stream = RequestStream(request_id, asyncio.get_running_loop(), self._outbox,
-                               num_prompt_tokens=len(ids), num_virtual_tokens=num_virtual)
+                               cancel=lambda: self._cancel(seq), num_prompt_tokens=len(ids),
+                               num_virtual_tokens=num_virtual)
         seq = Sequence(request_id=request_id, task_id=task_id, prompt=prompt, prompt_ids=ids, params=params,
                        seed=seed, eos_token_ids=self.loaded.eos_token_ids, tokenizer=self.loaded.tokenizer,
                        sink=stream, continues_prompt=not self.loaded.is_encoder_decoder,
                        tenant=share.tenant, weight=share.weight)
-        stream._cancel = lambda: self._cancel(seq)
         with self._accept_lock:
             self._check_accepting()
             self._scheduler.add(seq)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from prompt_store.soft_prompt import CAUSAL_LM, SEQ_2_SEQ_LM
-from server.engine import seq2seq_families
+from server.engine.hf_cache import seq2seq_families
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,

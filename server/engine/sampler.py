@@ -5,10 +5,14 @@ its batch mates."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.types import SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.request.sequence import Sequence
 
 
 @dataclass
@@ -25,6 +29,12 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def causal_penalty_history(seq: Sequence) -> list[int]:
+    """Tokens the repetition penalty sees in a causal model's row: prompt and generated tokens, as in HF
+    generate (the same on both paths; an encoder-decoder's runner has its own)."""
+    return seq.prompt_ids + seq.generated
 
 
 def apply_repetition_penalty(row: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ FINISH_ERROR = "error"
 
 @dataclass(frozen=True)
 class Share:
-    """Whose share of the batch a request draws on: its tenant and the tenant's weight (fair_share.py)."""
+    """Whose share of the batch a request draws on: its tenant and its weight (scheduling/fair_share.py)."""
 
     tenant: str = ""
     weight: float = 1.0
@@ -24,6 +24,17 @@ class Share:
 
 
 NO_SHARE = Share()  # no tenant: every request one queue, first in, first out
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A request's input as `Engine.tokenize` returns it: token ids, checked against the vocabulary and
+    `max_input_tokens`. `Engine.submit` queues them as they are: a text is tokenized once per request."""
+
+    ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)

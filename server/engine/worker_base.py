@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from server.engine.errors import EngineError, RequestFailed
+from server.engine.request.sequence import Sequence
 from server.engine.sampler import sample
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
+from server.engine.scheduling.scheduler import Scheduler
 from server.engine.types import FINISH_ERROR
 
 log = logging.getLogger(__name__)

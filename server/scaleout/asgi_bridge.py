@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from server.generation import ENGINE_START_EXTENSION
+from server.api.generation import ENGINE_START_EXTENSION
 
 
 @dataclass

@@ -10,12 +10,13 @@ from collections.abc import Callable
 from starlette.requests import Request
 
 from prompt_store.task_ids import TASK_ID_PATTERN
-from server.auth import OPEN_TENANT, KeyRing, Tenant
+from server.auth import KeyRing
 from server.auth_first import OPEN_PATHS
 from server.config import Settings
 from server.errors import BodyTooLarge
 from server.middleware import body_limits
 from server.scaleout.routing import task_of
+from server.tenancy.tenant import OPEN_TENANT, Tenant
 
 
 class IngressGuard:

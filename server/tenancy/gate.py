@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from server.auth import Tenant
 from server.config import Settings
 from server.engine.types import GenerationResult
 from server.tenancy.rate_limiter import RateLimited, RateLimiter, Reservation
+from server.tenancy.tenant import Tenant
 from server.tenancy.tenant_metrics import TenantMetrics
 from server.tenancy.usage_log import Counts, UsageLog
 

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.auth import Tenant
-from server.errors import ApiError
+from server.api_error import ApiError
 from server.tenancy.limits import Limits
+from server.tenancy.tenant import Tenant
 
 SECONDS_PER_DAY = 86_400
 CONCURRENCY_RETRY_S = 1  # nothing says when a request in flight ends: ask for a retry in a second

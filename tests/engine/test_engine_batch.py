@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine import kv_cache
-from server.engine.batch import prefill_inputs
 from server.engine.faults import FaultInjector
+from server.engine.hf_cache import kv_cache
+from server.engine.hf_cache.batch import prefill_inputs
+from server.engine.hf_cache.runner import ModelRunner
 from server.engine.model_loader import load_model
-from server.engine.runner import ModelRunner
-from server.engine.sequence import Sequence
+from server.engine.request.sequence import Sequence
 from server.engine.types import SamplingParams
 
 

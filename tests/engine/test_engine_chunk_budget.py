@@ -1,10 +1,10 @@
-"""ChunkBudget (server/engine/chunk_budget.py): prompt tokens per step from measured step times."""
+"""ChunkBudget (server/engine/scheduling/chunk_budget.py): prompt tokens per step from measured step times."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.engine.chunk_budget import MIN_CHUNK_TOKENS, ChunkBudget
+from server.engine.scheduling.chunk_budget import MIN_CHUNK_TOKENS, ChunkBudget
 
 
 def _budget(ratio: float = 1.8) -> ChunkBudget:

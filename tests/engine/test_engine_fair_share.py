@@ -10,9 +10,9 @@ import pytest
 
 from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull
-from server.engine.fair_share import FairShare
-from server.engine.scheduler import ADMIT, Scheduler
-from server.engine.sequence import Sequence
+from server.engine.request.sequence import Sequence
+from server.engine.scheduling.fair_share import FairShare
+from server.engine.scheduling.scheduler import ADMIT, Scheduler
 from server.engine.types import SamplingParams
 
 
@@ -54,7 +54,8 @@ class Sim:
 
 
 def test_the_scheduler_imports_no_torch():
-    code = "import sys, server.engine.scheduler, server.engine.fair_share; assert 'torch' not in sys.modules"
+    code = ("import sys, server.engine.scheduling.scheduler, server.engine.scheduling.fair_share; "
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -110,14 +111,20 @@ def test_token_shares_follow_the_weights(weights):
     w_a, w_b = weights
     sim = Sim(num_slots=8)
     rng = random.Random(3)
+    seqs = []
     for i in range(600):  # both saturate, with mixed lengths
-        sim.sched.add(_seq(f"a{i}", "a", weight=w_a, num_ids=rng.randint(1, 30), max_new=rng.randint(2, 20)))
-        sim.sched.add(_seq(f"b{i}", "b", weight=w_b, num_ids=rng.randint(1, 30), max_new=rng.randint(2, 20)))
+        seqs.append(_seq(f"a{i}", "a", weight=w_a, num_ids=rng.randint(1, 30), max_new=rng.randint(2, 20)))
+        seqs.append(_seq(f"b{i}", "b", weight=w_b, num_ids=rng.randint(1, 30), max_new=rng.randint(2, 20)))
+        sim.sched.add(seqs[-2])
+        sim.sched.add(seqs[-1])
     for _ in range(400):
         sim.step()
     assert sim.sched.num_waiting > 0  # still saturated at the end
-    served_a = sim.sched.served("a") * w_a  # context tokens (input + generated) served
-    served_b = sim.sched.served("b") * w_b
+    served = {"a": 0, "b": 0}  # context tokens (input + generated) of the admitted requests
+    for seq in seqs:
+        if seq.request_id in sim.admitted_at:
+            served[seq.tenant] += seq.num_context_tokens
+    served_a, served_b = served["a"], served["b"]
     assert served_a / served_b == pytest.approx(w_a / w_b, rel=0.10)
 
 
@@ -148,13 +155,15 @@ def test_counters_of_backlogged_tenants_stay_within_one_request():
     for name, w in weights.items():
         fair.add(_seq(f"{name}-first", name, weight=w, num_ids=rng.randint(1, 50)))
     admitted = {name: 0 for name in weights}
+    served = {name: 0.0 for name in weights}  # each tenant's counter: its admitted tokens / its weight
     for i in range(2000):
         seq = next(fair.candidates())
         fair.admit(seq)
         fair.add(_seq(f"{seq.tenant}{i}", seq.tenant, weight=seq.weight, num_ids=rng.randint(1, 50)))  # backlogged
         fair.leave(seq)
         admitted[seq.tenant] += 1
-        counters = [fair.counter(n) for n in weights]
+        served[seq.tenant] += seq.num_context_tokens / seq.weight
+        counters = [served[n] for n in weights]
         assert max(counters) - min(counters) <= max_cost
     assert admitted["b"] > 4 * admitted["a"] > 0 and admitted["a"] > admitted["c"] > 0
 

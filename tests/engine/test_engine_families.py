@@ -12,12 +12,14 @@ from server.engine.config import EngineConfig
 from tests.engine.model_families import FAMILIES, family_config
 from tests.engine.test_engine_parity import _check_parity
 
-# The families the paged path cannot express yet, served exactly by the legacy DynamicCache path: the
-# attention glue computes neither ALiBi, windows nor soft-capping, and GPT-J's, Falcon's and StableLM's
-# attention does not go through transformers' AttentionInterface (transformers 5.23).
-LEGACY = {"bloom": "ALiBi", "falcon_alibi": "ALiBi", "gptj": "no AttentionInterface",
-          "falcon": "no AttentionInterface", "stablelm": "no AttentionInterface",
-          "mistral": "sliding window", "qwen2_window": "sliding window", "gemma2": "windows, soft-capping"}
+# The families the paged path cannot express, served exactly by the legacy DynamicCache path (transformers
+# 5.23): BLOOM's, Falcon's and GPT-J's attention modules compute attention themselves (ALiBi for BLOOM and
+# Falcon-ALiBi) and never call transformers' AttentionInterface; StableLM's does, but its decoder layer drops
+# the forward keywords (the glue's marker among them) instead of passing them on to it. Sliding windows
+# (Mistral, Qwen2) and soft-capping with alternating windows (Gemma 2) take the paged path.
+LEGACY = {"bloom": "ALiBi, no AttentionInterface", "falcon_alibi": "ALiBi, no AttentionInterface",
+          "gptj": "no AttentionInterface", "falcon": "no AttentionInterface",
+          "stablelm": "decoder layer drops the attention keywords"}
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ later ones pass, STOP ends the step's admissions) and preemption for memory, wit
 from __future__ import annotations
 
 from server.engine.config import EngineConfig
-from server.engine.scheduler import ADMIT, DEFER, STOP, Scheduler
-from server.engine.sequence import Sequence, Status
+from server.engine.request.sequence import Sequence, Status
+from server.engine.scheduling.scheduler import ADMIT, DEFER, STOP, Scheduler
 from server.engine.types import SamplingParams
 
 

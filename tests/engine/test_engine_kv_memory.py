@@ -36,7 +36,7 @@ def test_context_reads_a_run_in_place_and_gathers_the_rest(table, is_view):
     memory = PagedKV(GEOMETRY, num_blocks=6, block_tokens=4)
     keys = _written(memory, table, 10)
     reads = ContextReads.of(memory, table, 10)
-    assert (reads.first_row is not None) == is_view
+    assert reads.is_one_run == is_view
     got_keys, got_values = memory.context(1, reads)
     assert got_keys.shape == (1, 2, 10, 3)
     assert torch.equal(got_keys[0], keys.transpose(0, 1)) and torch.equal(got_values[0], -keys.transpose(0, 1))
@@ -77,3 +77,18 @@ def test_budget_too_small_names_the_flag():
     sizing.num_blocks(GEOMETRY, 16, sizing.MIN_BLOCKS * 16 * PER_TOKEN)  # just enough
     with pytest.raises(KVBudgetTooSmall, match="--kv-cache-memory"):
         sizing.num_blocks(GEOMETRY, 16, sizing.MIN_BLOCKS * 16 * PER_TOKEN - 1)
+
+
+def test_context_pieces_are_views_of_each_run():
+    """Blocks 4, 5 then 0, then 2: three runs, the last partly filled; each piece reads memory in place."""
+    memory = PagedKV(GEOMETRY, num_blocks=6, block_tokens=4)
+    table = [4, 5, 0, 2]
+    keys = _written(memory, table, 14)
+    reads = ContextReads.of(memory, table, 14)
+    assert reads.runs == [(16, 8), (0, 4), (8, 2)]
+    pieces, value_pieces = memory.pieces(1, reads, 10)  # the first 10 positions: 8 + 2
+    assert [p.shape[2] for p in pieces] == [8, 2]
+    assert torch.equal(torch.cat(pieces, 2)[0], keys[:10].transpose(0, 1))
+    assert torch.equal(torch.cat(value_pieces, 2)[0], -keys[:10].transpose(0, 1))
+    pieces[1][0, 0, 0, 0] = 99.0
+    assert memory.context(1, reads)[0][0, 0, 8, 0] == 99.0

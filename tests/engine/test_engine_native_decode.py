@@ -1,7 +1,8 @@
 """The native decode kernel (server/engine/paged/cpu) on tensors, no model: it stores each token's keys
 and values where `PagedKV.write` would, and its attention for decoding rows equals float64 SDPA over each
 row's own positions read through its block table (GQA, strided inputs, scattered and shared blocks,
-float32, float64, bfloat16). It is refused when it disagrees, and the engine falls back to SDPA when it
+float32, float64, bfloat16), with a sliding window and logit soft-capping as plain torch computes them. It is
+refused when it disagrees, and the engine falls back to SDPA when it
 cannot be built. Model-level parity with the kernel on and off is in test_engine_parity."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _geometry(dtype: torch.dtype, kv_heads: int = 2, head_dim: int = 16) -> KVGe
 
 def _history(memory: PagedKV, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's whole keys and values `[KVH, rows, d]` (views)."""
-    keys, values = memory.context(layer, ContextReads(memory.num_tokens, 0, None))
+    keys, values = memory.context(layer, ContextReads(memory.num_tokens, [(0, memory.num_tokens)]))
     return keys[0], values[0]
 
 
@@ -78,6 +79,56 @@ def test_kernel_writes_like_the_memory_and_attends_like_sdpa(kernel, dtype, kv_h
     assert out[4:].isnan().all()  # prefill rows are left to SDPA
 
 
+def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+               softcap: float) -> torch.Tensor:
+    """Plain torch, float64: one token's query `[H, d]` over keys/values `[KVH, W, d]` -> `[H, d]`."""
+    group = query.shape[0] // keys.shape[0]
+    keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    scores = (query[:, None, :] * keys).sum(-1) * scale  # [H, W]
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    return (scores.softmax(-1)[:, :, None] * values).sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 24])  # the vector path (AVX-512) and the scalar one
+@pytest.mark.parametrize("window,softcap", [(1, 0.0), (5, 0.0), (16, 0.0), (100, 0.0), (0, 1.5), (5, 1.5)])
+def test_kernel_window_and_softcap_match_torch(kernel, dtype, head_dim, window, softcap):
+    """A row of length L with window W reads positions max(0, L - W) .. L - 1 (itself included, as
+    transformers' `kv_idx > q_idx - W`); a cap c turns scores s into c * tanh(s / c) before the softmax."""
+    gen = torch.Generator().manual_seed(3)
+    kv_heads, heads, layer = 2, 6, 0
+    memory = PagedKV(_geometry(dtype, kv_heads, head_dim), 12, 4, kernel)
+    for cache in _history(memory, layer):
+        cache.copy_(torch.randn(cache.shape, generator=gen).to(dtype) * 2)  # scores of a few units: the cap bites
+    tables = [[7, 2, 9], [4], [11, 0, 5, 8, 1, 3, 10, 6, 2], [7, 2, 3, 6]]
+    lengths = [11, 1, 33, 16]  # shorter and longer than the windows; 16 and 33 cross block edges inside one
+    width = max(len(t) for t in tables)
+    reads = DecodeReads(torch.tensor([t + [0] * (width - len(t)) for t in tables]), torch.tensor(lengths), 2)
+    rows = torch.tensor([memory.rows(t, [n - 1])[0] for t, n in zip(tables, lengths)])
+    queries = torch.randn(4, heads, head_dim, generator=gen).to(dtype)
+    new_keys, new_values = (torch.randn(4, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    out = torch.full((4, heads, head_dim), float("nan"), dtype=dtype)
+    memory.write_and_decode(layer, queries, new_keys, new_values, rows, reads, 0.25, out, window, softcap)
+    keys, values = _history(memory, layer)
+    for row, (table, length) in enumerate(zip(tables, lengths)):
+        first = max(0, length - window) if window else 0
+        positions = memory.rows(table, range(first, length))
+        want = _attention(queries[row].double(), keys[:, positions].double(), values[:, positions].double(), 0.25,
+                          softcap)
+        error = (out[row].double() - want).abs().max() / want.abs().max()
+        assert error <= TOLERANCE[dtype], f"row {row}: {error:.2e}"
+        if window and length > window:  # the window changed the answer: the test can tell a kernel that ignores it
+            unwindowed = _attention(queries[row].double(), keys[:, memory.rows(table, range(length))].double(),
+                                    values[:, memory.rows(table, range(length))].double(), 0.25, softcap)
+            assert (unwindowed - want).abs().max() / want.abs().max() > 10 * TOLERANCE[dtype]
+    if softcap:  # and the cap changed it too
+        length, table = lengths[2], tables[2]
+        positions = memory.rows(table, range(max(0, length - window) if window else 0, length))
+        uncapped = _attention(queries[2].double(), keys[:, positions].double(), values[:, positions].double(), 0.25, 0)
+        assert (uncapped - out[2].double()).abs().max() / uncapped.abs().max() > 10 * TOLERANCE[dtype]
+
+
 def test_a_correct_kernel_is_accepted_and_a_wrong_one_refused(kernel, caplog):
     geometry = _geometry(torch.float32, kv_heads=2)
     assert native_check.accept(kernel, geometry) is kernel
@@ -92,7 +143,25 @@ def test_a_correct_kernel_is_accepted_and_a_wrong_one_refused(kernel, caplog):
 
     with caplog.at_level(logging.WARNING):
         assert native_check.accept(OffByAScale(), geometry) is None
-    assert "differs from SDPA" in caplog.text
+    assert "differs from float64 attention" in caplog.text
+
+
+@pytest.mark.parametrize("drops", ["window", "softcap"])
+def test_a_kernel_that_ignores_a_variant_is_refused(kernel, drops, caplog):
+    """The start-up check covers the window and the cap: a kernel built before them (or passing one on
+    wrongly) does not serve a model."""
+
+    class IgnoresOne:
+        covers = staticmethod(kernel.covers)
+
+        def run(self, *args, **kwargs):
+            args = list(args)
+            args[9 if drops == "window" else 10] = 0
+            kernel.run(*args, **kwargs)
+
+    with caplog.at_level(logging.WARNING):
+        assert native_check.accept(IgnoresOne(), _geometry(torch.float32, kv_heads=2)) is None
+    assert "(window 5, softcap 1) differs from float64 attention" in caplog.text
 
 
 def test_uncovered_dtypes_and_devices_keep_sdpa(kernel):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from server.engine.paged import prefill_attention
 from server.engine.paged.cpu import native_decode
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
@@ -151,9 +152,11 @@ PAGED_FAMILIES = [f for f in FAMILIES if f != "bloom"]
 
 @pytest.mark.parametrize("family", PAGED_FAMILIES)
 @pytest.mark.parametrize("chunk,caching", [(3, True), (5, False)], ids=["chunk3-prefix", "chunk5-noprefix"])
-def test_chunked_prefill_and_prefix_cache_match_peft(family, chunk, caching, engine_model_dir, tmp_path):
+def test_chunked_prefill_and_prefix_cache_match_peft(family, chunk, caching, engine_model_dir, tmp_path, monkeypatch):
     """Chunks of 3 or 5 tokens end inside the virtual tokens (n = 4, 7, 12), inside blocks of 4 and inside
-    the text."""
+    the text. Every chunk after the first attends in two halves merged by log-sum-exp (the split that long
+    prompts take; other tests keep the single masked call that short chunks take)."""
+    monkeypatch.setattr(prefill_attention, "MIN_SPLIT_PAIRS", 0)
     config = EngineConfig(max_batch_size=16, prefill_chunk_tokens=chunk, prefix_caching=caching, kv_block_tokens=4)
     engine = _check_parity(engine_model_dir(family), tmp_path, config)
     assert engine.stats().kv.num_prefix_hit_tokens == (expected_hit_tokens(engine.tokenizer, 4) if caching else 0)
@@ -169,8 +172,10 @@ def test_sdpa_decode_matches_peft(family, engine_model_dir, tmp_path):
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "sdpa"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_float64_logits_match_peft_to_1e9(family, native, engine_model_dir, tmp_path):
-    """In float64 rounding is out of the way: what is left would be a different computation."""
+def test_float64_logits_match_peft_to_1e9(family, native, engine_model_dir, tmp_path, monkeypatch):
+    """In float64 rounding is out of the way: what is left would be a different computation (prefill chunks
+    split in two halves with the native kernel, one masked call without)."""
+    monkeypatch.setattr(prefill_attention, "MIN_SPLIT_PAIRS", 0 if native else 2 ** 62)
     config = EngineConfig(max_batch_size=16, prefill_chunk_tokens=5, native_decode=native)
     _check_parity(engine_model_dir(family), tmp_path, config, dtype="float64", tol=1e-9)
 

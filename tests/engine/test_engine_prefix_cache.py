@@ -51,7 +51,7 @@ def _hits(engine: Engine) -> int:
 
 def _names(engine: Engine, task: str | None, inputs: str | list[int]) -> list[int]:
     """A request's context, position by position (virtual tokens as -1..-n)."""
-    ids = inputs if isinstance(inputs, list) else engine.tokenize(inputs)
+    ids = inputs if isinstance(inputs, list) else engine.tokenize(inputs).ids
     return [-(i + 1) for i in range(TASKS.get(task, 0))] + ids
 
 
@@ -88,9 +88,9 @@ def test_the_same_text_under_two_tasks_shares_nothing(setup, make_engine):
 def test_a_second_turn_reuses_the_first_turns_blocks_generated_ones_included(setup, make_engine):
     _, _, _, referee = setup
     engine = make_engine()
-    turn1 = engine.tokenize(TEMPLATE + REVIEWS[0])
+    turn1 = engine.tokenize(TEMPLATE + REVIEWS[0]).ids
     (answer1,) = _one_by_one(engine, [("t5", turn1, 24)])
-    turn2 = turn1 + answer1 + engine.tokenize(" And the second visit? ")[1:]  # the chat resent, plus new text
+    turn2 = turn1 + answer1 + engine.tokenize(" And the second visit? ").ids[1:]  # the chat resent, plus new text
     (answer2,) = _one_by_one(engine, [("t5", turn2, 8)])
     computed_by_turn1 = TASKS["t5"] + len(turn1) + len(answer1) - 1  # its last token's KV was never needed
     assert _hits(engine) == min(computed_by_turn1 // 16, (TASKS["t5"] + len(turn2) - 1) // 16) * 16

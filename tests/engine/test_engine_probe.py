@@ -23,7 +23,7 @@ class KernelDroppingPositionZero:
     def covers(dtype, device) -> bool:
         return True
 
-    def run(self, query, new_keys, new_values, keys, values, write_rows, reads, scale, out):
+    def run(self, query, new_keys, new_values, keys, values, write_rows, reads, scale, out, window=0, softcap=0.0):
         keys[:, write_rows] = new_keys.transpose(0, 1)
         values[:, write_rows] = new_values.transpose(0, 1)
         group = query.shape[1] // keys.shape[0]

@@ -6,8 +6,8 @@ import pytest
 
 from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence, Status
+from server.engine.request.sequence import Sequence, Status
+from server.engine.scheduling.scheduler import Scheduler
 from server.engine.types import SamplingParams
 
 
@@ -77,6 +77,6 @@ def test_scheduler_and_sequence_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, server.engine.scheduler, server.engine.sequence; "
+    code = ("import sys, server.engine.scheduling.scheduler, server.engine.request.sequence; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

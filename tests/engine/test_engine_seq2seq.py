@@ -13,10 +13,10 @@ import torch
 
 from prompt_store.errors import InvalidPrompt
 from prompt_store.store import PromptStore
-from server.engine.batch import EncoderState
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import IncompatibleTask, RequestFailed
+from server.engine.hf_cache.batch import EncoderState
 from server.engine.model_loader import load_model
 from server.engine.types import SamplingParams
 from tests.engine.conftest import SEQ2SEQ_FAMILIES, run, write_peft_adapters
@@ -253,7 +253,7 @@ def _forced_bos(model_dir: Path) -> int | None:
 def test_family_handling_is_what_makes_parity(disabled, family_setup, reference_for, monkeypatch):
     """The parity test can fail: without per-row positions (BART) or the bare-row scale (Marian), the
     same requests no longer give PEFT's tokens."""
-    from server.engine import seq2seq_families
+    from server.engine.hf_cache import seq2seq_families
 
     family = "bart" if disabled == "positions" else "marian"
     setup = family_setup(family)

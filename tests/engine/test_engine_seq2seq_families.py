@@ -15,9 +15,9 @@ from prompt_store.store import PromptStore
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import InputTooLong
+from server.engine.hf_cache.runner_seq2seq import decoder_start_token_id
+from server.engine.hf_cache.seq2seq_families import is_padding_aware, lookup_positions
 from server.engine.model_loader import load_model
-from server.engine.runner_seq2seq import decoder_start_token_id
-from server.engine.seq2seq_families import is_padding_aware, lookup_positions
 from server.engine.types import SamplingParams
 from tests.engine.conftest import SEQ2SEQ_FAMILIES, SEQ2SEQ_MAX_POSITIONS, run, seq2seq_config
 from tests.engine.test_engine_seq2seq import write_seq2seq_adapters

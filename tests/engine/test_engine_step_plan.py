@@ -96,18 +96,18 @@ def test_build_decodes_and_an_offset_prefill():
     assert plan.decode.mask[:, 0, 0].tolist() == [[c < n for c in range(9)] for n in (6, 9)]
     (chunk,) = plan.prefills
     assert (chunk.token_start, chunk.num_tokens, chunk.start) == (2, 3, 4)
-    assert (chunk.context.first_row, chunk.context.num_tokens, chunk.context.rows) == (40, 7, None)  # a view
+    assert (chunk.context.runs, chunk.context.num_tokens) == ([(40, 7)], 7)  # one run: a view
     assert chunk.mask.tolist() == [[c <= 4 + r for c in range(7)] for r in range(3)]  # offset causal
     assert inputs.sample_index.tolist() == [0, 1, 4]
     assert inputs.inputs_embeds.shape == (1, 5, HIDDEN)
 
 
-def test_a_prefill_over_scattered_blocks_is_gathered():
+def test_a_prefill_over_scattered_blocks_reads_each_run():
     scattered = _Seq([3, 1], [1, 2, 3, 4, 5, 6])  # context 6, from position 0: plain causal
     inputs = step_plan.build([Chunk(scattered, 0, 5)], _embed(), _memory())
     (chunk,) = inputs.plan.prefills
-    assert chunk.mask is None and chunk.context.first_row is None
-    assert chunk.context.rows.tolist() == [12, 13, 14, 15, 4]
+    assert chunk.mask is None and not chunk.context.is_one_run
+    assert chunk.context.runs == [(12, 4), (4, 1)]  # block 3's four rows, then block 1's first
     assert inputs.sample_index.tolist() == []  # the chunk stops short of its context end
     assert inputs.plan.decode.reads.num_decode == 0
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from server.demo import demo_corpus, train_tokenizer
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.sequence import Sequence
-from server.engine.stop_matcher import StopMatcher
+from server.engine.request.detokenizer import IncrementalDetokenizer
+from server.engine.request.sequence import Sequence
+from server.engine.request.stop_matcher import StopMatcher
 from server.engine.types import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SamplingParams
 
 TEXT = "Café naïve 😀 Zürich — 東京 ok"

@@ -155,7 +155,7 @@ def test_many_unknown_task_ids_keep_memory_flat(live):
     growth = process.memory_info().rss - rss
     assert growth < 16 << 20, growth  # a per-id cache or label would grow without bound
     store = live.runtime.store.stats()
-    assert store.device_entries + store.host_entries <= 2  # no negative cache entries
+    assert store.device.num_entries + store.host.num_entries <= 2  # no negative cache entries
     with live.client() as c:
         text = c.get("/metrics").text
     assert "unknown-" not in text  # task labels only for real generations, and bounded

@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="the scale-out extra is not installed: pip install 'promptserve[ray]'")
 
-from prometheus_client import CollectorRegistry, Counter as PromCounter, Histogram, generate_latest  # noqa: E402
+from prometheus_client import CollectorRegistry, Histogram, generate_latest  # noqa: E402
+from prometheus_client import Counter as PromCounter
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from server.scaleout.federation import merge_expositions  # noqa: E402
@@ -113,8 +114,8 @@ def test_a_task_held_by_two_replicas_sticks_to_the_one_it_was_last_sent_to():
 def test_only_a_valid_task_the_key_may_use_steers_routing():
     """Issue 23: a client named a replica with `@replica:<id>` (an unknown one left the request pending), and
     any string it sent, authenticated or not, became router state; nested JSON raised RecursionError (500)."""
-    from server.auth import OPEN_TENANT, Tenant
     from server.scaleout.ingress_guard import routing_task
+    from server.tenancy.tenant import OPEN_TENANT, Tenant
 
     acme = Tenant("acme", ("acme-*",), is_admin=False, may_use_base_model=True)
 

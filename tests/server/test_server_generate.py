@@ -29,6 +29,32 @@ def test_generate_shape_and_details(server):
     assert out["generated_text"] == "".join(t["text"] for t in d["tokens"])
 
 
+class CountingTokenizer:
+    """The served tokenizer, counting the texts it tokenizes."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.texts: list[str] = []
+
+    def __call__(self, text, *args, **kwargs):
+        self.texts.append(text)
+        return self.inner(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_request_text_is_tokenized_once(server, monkeypatch):
+    # The tenancy gate counts the input tokens before the request is queued; the engine queues those ids.
+    counting = CountingTokenizer(server.runtime.engine.loaded.tokenizer)
+    monkeypatch.setattr(server.runtime.engine.loaded, "tokenizer", counting)
+    text = "Tokenized once, by the river"
+    with server.client() as c:
+        out = generate(c, "task-2", inputs=text, max_new_tokens=3, ignore_eos_token=True)
+    assert out["details"]["generated_tokens"] == 3
+    assert counting.texts.count(text) == 1
+
+
 def test_tasks_change_the_output_and_adapter_id_is_task_id(server):
     with server.client() as c:
         by_task = generate(c, "task-1", max_new_tokens=12, ignore_eos_token=True)

@@ -7,11 +7,12 @@ from fastapi.exceptions import RequestValidationError
 
 from prompt_store.errors import InvalidTaskId, TaskNotFound
 from server.api.responses import RATE_LIMIT_HEADERS, ErrorOut, error_responses
+from server.api_error import ApiError
 from server.app import create_app
 from server.auth import AuthError, ForbiddenError
 from server.config import Settings
 from server.engine.errors import QueueFull
-from server.errors import ApiError, describe
+from server.errors import describe
 
 GENERATION = [("post", p) for p in ("/generate", "/generate_stream", "/", "/tasks/{task_id}/generate",
                                     "/tasks/{task_id}/generate_stream", "/tasks/{task_id}", "/v1/completions",

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from server.auth import KeyRing, KeysFileError, Tenant
+from server.auth import KeyRing, KeysFileError
 from server.tenancy.limits import Limits
 from server.tenancy.rate_limiter import RateLimited, RateLimiter, duration
+from server.tenancy.tenant import Tenant
 from server.tenancy.usage_log import Counts, UsageLog
 
 DAY = 86_400

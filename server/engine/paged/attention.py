@@ -9,7 +9,12 @@ values into their KV rows, then attends: all decoding rows at once, each over it
 (the native kernel) or gathered (SDPA elsewhere), and each prefill chunk over its context (a view when its
 blocks are one run, else gathered). The op reads the step's StepPlan from the engine thread's
 `active_plan`, so a compiled model sees only `(q, k, v, layer)`: one graph serves every batch and chunk
-layout. Called without the keyword, the function is plain SDPA: the model works as loaded.
+layout. Called without the keyword, the function is plain SDPA (causal over the call's own keys; the glue
+builds no masks): the model works as loaded, e.g. for right-padded training.
+
+Layers with a sliding window or attention logit soft-capping (their `sliding_window` and `softcap` keywords)
+pass them to the op; the kernel computes both, and attention_variants.py the prefill chunks and SDPA decode
+of those layers only.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from server.engine.paged import attention_variants, prefill_attention
 from server.engine.paged.cpu.native_decode import DecodeReads
 from server.engine.paged.kv_memory import ContextReads, PagedKV
 
 IMPLEMENTATION = "promptserve_paged"
 PAGED_KWARG = "promptserve_paged"
 # Attention variants this glue does not compute: a model passing any of them stays on the legacy path.
-_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
+_UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias")
 _active = threading.local()  # the plan of the step running on this thread
 
 
@@ -68,17 +74,20 @@ class StepPlan:
 
 
 class GeometryProbe:
-    """Passed as the keyword's value: records each layer's key shape, so that the pool fits any family."""
+    """Passed as the keyword's value: records each layer's key shape, so that the pool fits any family, and
+    its variants, checked against the config (attention_variants.config_mismatch)."""
 
     def __init__(self) -> None:
         self.key_shapes: dict[int, tuple[int, int]] = {}  # layer -> (kv_heads, head_dim)
+        self.variants: dict[int, tuple[int, float]] = {}  # layer -> (window, softcap), 0 for none
         self.dtype: torch.dtype | None = None
 
-    def record(self, layer: int | None, key: torch.Tensor) -> None:
+    def record(self, layer: int | None, key: torch.Tensor, window: int, softcap: float) -> None:
         """Called by the attention function of every layer."""
         if layer is None:
             raise NotImplementedError("an attention module without layer_idx")
         self.key_shapes[int(layer)] = (int(key.shape[1]), int(key.shape[3]))
+        self.variants[int(layer)] = (window, softcap)
         self.dtype = key.dtype
 
 
@@ -119,23 +128,28 @@ def active_plan(plan: StepPlan):
 def paged_attention(module, query, key, value, attention_mask, **kwargs):
     """query `[1, H, N, d]`, key/value `[1, KVH, N, d]` -> output `[1, N, H, d]`, no weights."""
     marker = kwargs.pop(PAGED_KWARG, None)
+    window, softcap = int(kwargs.get("sliding_window") or 0), float(kwargs.get("softcap") or 0.0)
     if isinstance(marker, GeometryProbe):
-        marker.record(module.layer_idx, key)
+        marker.record(module.layer_idx, key, window, softcap)
         marker = None
+    scale = kwargs.get("scaling")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if not marker and (window or softcap):  # SDPA alone knows neither (the glue builds no masks)
+        return attention_variants.unpaged(query, key, value, scale, window, softcap), None
     if not marker:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"paged attention does not support {name}")
-    scale = kwargs.get("scaling")
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    return torch.ops.promptserve.paged_attention(query, key, value, module.layer_idx, scale)[None], None
+    return torch.ops.promptserve.paged_attention(query, key, value, module.layer_idx, scale, window,
+                                                 softcap)[None], None
 
 
 @torch.library.custom_op("promptserve::paged_attention", mutates_args=())
 def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-                        scale: float) -> torch.Tensor:
-    """One layer of a packed step: store its keys and values, then attend; `[N, H, d]`."""
+                        scale: float, window: int, softcap: float) -> torch.Tensor:
+    """One layer of a packed step: store its keys and values, then attend; `[N, H, d]`. `window`, `softcap`:
+    the layer's sliding window and logit cap (0: none)."""
     plan: StepPlan = _active.plan
     memory = plan.memory
     new_keys, new_values = _rows(key[0]), _rows(value[0])  # [N, KVH, d]
@@ -143,22 +157,34 @@ def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, H, d]
     q = query[0]  # [H, N, d]
     if memory.has_native_decode:  # decoding rows are the step's first tokens (step_plan.order)
-        memory.write_and_decode(layer, _rows(q), new_keys, new_values, plan.write_rows, plan.decode.reads, scale, out)
+        memory.write_and_decode(layer, _rows(q), new_keys, new_values, plan.write_rows, plan.decode.reads, scale, out,
+                                window, softcap)
     else:
         memory.write(layer, plan.write_rows, new_keys, new_values)
-        if plan.decode.reads.num_decode:
+        if plan.decode.reads.num_decode and (window or softcap):
+            out[:plan.decode.reads.num_decode] = _decode_variant(plan, layer, q, scale, window, softcap)
+        elif plan.decode.reads.num_decode:
             out[:plan.decode.reads.num_decode] = _decode(plan, layer, q, options)
     for chunk in plan.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-        keys, values = memory.context(layer, chunk.context)
-        attended = F.scaled_dot_product_attention(q[None, :, rows], keys, values, attn_mask=chunk.mask,
-                                                  is_causal=chunk.mask is None, **options)  # [1, H, T, d]
-        out[rows] = attended[0].transpose(0, 1)
+        queries = q[None, :, rows]  # [1, H, T, d]
+        if not (window or softcap) and prefill_attention.splits(queries, chunk.start, chunk.context.is_one_run):
+            prefix_keys, prefix_values = memory.pieces(layer, chunk.context, chunk.start)
+            attended = prefill_attention.split(queries, prefix_keys, prefix_values,
+                                               new_keys[rows].transpose(0, 1)[None],
+                                               new_values[rows].transpose(0, 1)[None], scale)
+        else:
+            keys, values = memory.context(layer, chunk.context)
+            if window or softcap:
+                out[rows] = attention_variants.prefill(q[:, rows], keys, values, chunk.start, scale, window, softcap)
+                continue
+            attended = prefill_attention.masked(queries, keys, values, chunk.mask, scale)
+        out[rows] = attended[0].transpose(0, 1)  # [T, H, d]
     return out
 
 
 @_paged_attention_op.register_fake
-def _(query, key, value, layer, scale):
+def _(query, key, value, layer, scale, window, softcap):
     return query.new_empty(query.shape[2], query.shape[1], query.shape[3])
 
 
@@ -180,3 +206,12 @@ def _decode(plan: StepPlan, layer: int, q: torch.Tensor, options: dict) -> torch
     keys, values = plan.memory.gather(layer, group.gather_rows)  # [Bd, KVH, W, d]
     attended = F.scaled_dot_product_attention(queries[:, :, None], keys, values, attn_mask=group.mask, **options)
     return attended[:, :, 0]
+
+
+def _decode_variant(plan: StepPlan, layer: int, q: torch.Tensor, scale: float, window: int,
+                    softcap: float) -> torch.Tensor:
+    """`_decode` for a layer with a window or a logit cap: `[Bd, H, d]`."""
+    group = plan.decode
+    keys, values = plan.memory.gather(layer, group.gather_rows)  # [Bd, KVH, W, d]
+    queries = q[:, :group.reads.num_decode].transpose(0, 1)  # [Bd, H, d]
+    return attention_variants.decode(queries, keys, values, group.reads.lengths, scale, window, softcap)

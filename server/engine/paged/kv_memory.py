@@ -3,8 +3,9 @@
 Layout (known to this module only): per layer, keys and values of shape `[kv_heads, num_blocks *
 block_tokens, head_dim]`. Block b is rows b*B..(b+1)*B-1 of every head. A request's context position p lives
 in row `table[p // B] * B + p % B` of its block table. Blocks that follow each other in a table and in
-memory make one run of rows, so a request whose blocks are one run is read as a plain view; any other
-table is gathered (prefill) or read in place by the native kernel (decode).
+memory make one run of rows, read as a plain view. A prefill reads a table of several runs as one view per
+run (or copied together, for the layers that need one tensor); decode reads blocks in place in the native
+kernel, or gathered for SDPA.
 
 Memory is zeroed once at allocation: rows a step reads but masks out then hold finite values, which
 attention multiplies by zero weights (garbage could be NaN, and 0 * NaN is NaN).
@@ -78,12 +79,24 @@ class PagedKV:
 
     def context(self, layer: int, reads: ContextReads) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[1, kv_heads, T, head_dim]` of one request's first T positions: a view when its
-        blocks are one run, else gathered."""
-        keys, values = self._keys[layer], self._values[layer]
-        if reads.first_row is not None:
-            span = slice(reads.first_row, reads.first_row + reads.num_tokens)
-            return keys[None, :, span], values[None, :, span]
-        return keys.index_select(1, reads.rows)[None], values.index_select(1, reads.rows)[None]
+        blocks are one run, else its runs copied together."""
+        keys, values = self.pieces(layer, reads, reads.num_tokens)
+        if len(keys) == 1:
+            return keys[0], values[0]
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+    def pieces(self, layer: int, reads: ContextReads, num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Views `[1, kv_heads, n, head_dim]` of the keys and of the values of a request's first `num_tokens`
+        positions, one per run of its blocks, in order (nothing copied)."""
+        keys, values = [], []
+        for first_row, length in reads.runs:
+            take = min(length, num_tokens)
+            if take <= 0:
+                break
+            keys.append(self._keys[layer][None, :, first_row:first_row + take])
+            values.append(self._values[layer][None, :, first_row:first_row + take])
+            num_tokens -= take
+        return keys, values
 
     def gather(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[R, kv_heads, W, head_dim]` of `rows` `[R, W]` (SDPA decode without the kernel)."""
@@ -94,10 +107,13 @@ class PagedKV:
         return keys, values
 
     def write_and_decode(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         rows: torch.Tensor, reads: DecodeReads, scale: float, out: torch.Tensor) -> None:
+                         rows: torch.Tensor, reads: DecodeReads, scale: float, out: torch.Tensor, window: int = 0,
+                         softcap: float = 0.0) -> None:
         """`write`, then the attention of the first `reads.num_decode` tokens (decoding rows) over their
-        contexts into `out[:num_decode]`, in one native call; queries `[N, H, d]`."""
-        self._native.run(queries, keys, values, self._keys[layer], self._values[layer], rows, reads, scale, out)
+        contexts into `out[:num_decode]`, in one native call; queries `[N, H, d]`; `window` and `softcap`:
+        the layer's variants (0: none, see NativeDecode.run)."""
+        self._native.run(queries, keys, values, self._keys[layer], self._values[layer], rows, reads, scale, out,
+                         window, softcap)
 
     def copy_block(self, source: int, target: int) -> None:
         """Copy one block's keys and values in every layer (tests)."""
@@ -108,21 +124,29 @@ class PagedKV:
 
 @dataclass
 class ContextReads:
-    """Where one request's first `num_tokens` positions are: one run from `first_row`, or `rows` [T]."""
+    """Where one request's first `num_tokens` positions are: runs of consecutive rows, in context order."""
 
     num_tokens: int
-    first_row: int | None
-    rows: torch.Tensor | None
+    runs: list[tuple[int, int]]  # (first row, positions) of each run of blocks that follow in memory
+
+    @property
+    def is_one_run(self) -> bool:
+        """Whether the positions are one run of rows (read as a view)."""
+        return len(self.runs) == 1
 
     @staticmethod
     def of(memory: PagedKV, table: list[int], num_tokens: int) -> ContextReads:
         """The reads of a request with block `table` over its first `num_tokens` positions."""
-        num_blocks = -(-num_tokens // memory.block_tokens)
-        first = table[0]
-        if table[:num_blocks] == list(range(first, first + num_blocks)):
-            return ContextReads(num_tokens, first * memory.block_tokens, None)
-        rows = torch.tensor(memory.rows(table, range(num_tokens)), dtype=torch.long, device=memory.geometry.device)
-        return ContextReads(num_tokens, None, rows)
+        size = memory.block_tokens
+        blocks = table[:-(-num_tokens // size)]
+        runs: list[list[int]] = []
+        for block in blocks:
+            if runs and runs[-1][0] + runs[-1][1] == block * size:
+                runs[-1][1] += size
+            else:
+                runs.append([block * size, size])
+        runs[-1][1] -= len(blocks) * size - num_tokens  # the last block may be partly filled
+        return ContextReads(num_tokens, [(first, length) for first, length in runs])
 
 
 def _zeros(shape: tuple[int, ...], geometry: KVGeometry) -> torch.Tensor:

@@ -3,8 +3,9 @@
 A model runs here when its attention goes through transformers' AttentionInterface, every layer reaches the
 glue (layer index, key shape), it takes position ids, and the exactness probe (probe.py) passes: with the
 native decode kernel when that passes its own check, else with SDPA. Anything else returns None, with the
-reason logged, and the engine keeps the legacy path for it (ALiBi models such as BLOOM, sliding windows,
-logit soft-capping).
+reason logged, and the engine keeps the legacy path for it (ALiBi models such as BLOOM, models whose
+layers do not pass the glue's keyword on, attention sinks). Sliding windows and logit soft-capping are
+computed (attention_variants.py) where each layer's keywords agree with the config.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from server.engine.paged.cpu.native_decode import NativeDecode
 from server.engine.paged.kv_memory import PagedKV
 from server.engine.paged.runner import PagedRunner, discover_geometry
 from server.engine.paged.worker import PagedWorker
-from server.engine.scheduler import Scheduler
+from server.engine.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +121,12 @@ def _static_reason(model: Any) -> str | None:
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder"
     if not getattr(model, "_supports_attention_backend", False):
-        return f"{type(model).__name__} does not use transformers' AttentionInterface"
+        # Its layers compute attention themselves (BLOOM, Falcon, GPT-J) or do not pass the forward's keywords
+        # on to the AttentionInterface (StableLM's decoder layer): the glue's keyword would not reach it.
+        return (f"{type(model).__name__} is no attention backend (its attention does not go through "
+                "transformers' AttentionInterface, or the forward's keywords do not reach it)")
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return "the model takes no position ids"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
-        return "layers other than full attention"
-    if getattr(config, "attn_logit_softcapping", None):
-        return "attention logit soft-capping"
+    if any(t not in ("full_attention", "sliding_attention") for t in getattr(config, "layer_types", None) or []):
+        return "layers other than full or sliding-window attention"
     return None

@@ -5,9 +5,9 @@ The reference is computed by the attention implementation the model was loaded w
 or the modelling file's own `eager` matmul and softmax), switched back for it when the glue is installed
 already: the probe never compares the engine's attention with itself. The requests are teacher-forced
 (their next tokens are fixed, not sampled), so every logit is comparable: three requests of different
-lengths, two with a soft prompt, prefilled in chunks of four next to each other's decodes, one in a run of
-blocks and two in interleaved ones, then decoded three steps. A missing or misplaced position moves logits by far more than the
-tolerances below.
+lengths, two with a soft prompt, prefilled in chunks of four next to each other's decodes (from position 8
+on in the split form long prompts take), one in a run of blocks and two in interleaved ones, then decoded
+three steps. A missing or misplaced position moves logits by far more than the tolerances below.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from server.engine.paged import step_plan
+from server.engine.paged import prefill_attention, step_plan
 from server.engine.paged.attention import stock_attention
 from server.engine.paged.step_plan import Chunk
 
@@ -36,6 +36,9 @@ _REQUESTS = (  # (virtual tokens, prompt tokens): different lengths
     (5, 2),
 )
 BLOCK_TOKENS = 4  # small blocks: every request spans several
+# Chunks of 4 from position 8 on attend in pieces (prefill_attention's split, which long prompts take),
+# earlier ones in one masked call.
+SPLIT_PAIRS = 2 * BLOCK_TOKENS * CHUNK_TOKENS
 
 
 @dataclass
@@ -121,7 +124,8 @@ def run(probe: Probe, forward: Callable[[list[Chunk]], torch.Tensor]) -> str | N
         if not chunks:
             break
         chunks = step_plan.order(chunks)
-        logits = forward(chunks)  # [num_sampling, V], in chunk order
+        with prefill_attention.split_from(SPLIT_PAIRS, SPLIT_PAIRS):
+            logits = forward(chunks)  # [num_sampling, V], in chunk order
         sampling = [c for c in chunks if c.is_sampling]
         for chunk, row in zip(sampling, logits):
             want = probe.references[requests.index(chunk.seq)][chunk.end - 1]

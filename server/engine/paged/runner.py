@@ -10,12 +10,12 @@ from typing import Any
 import torch
 
 from server.engine.faults import DECODE, PREFILL, FaultInjector
-from server.engine.paged import attention, step_plan
+from server.engine.paged import attention, attention_variants, step_plan
 from server.engine.paged.cpu.native_decode import NativeDecode
 from server.engine.paged.kv_memory import KVGeometry, PagedKV
 from server.engine.paged.probe import Probe
 from server.engine.paged.step_plan import Chunk
-from server.engine.runner import ModelRunner
+from server.engine.sampler import causal_penalty_history
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class PagedRunner:
         logits = logits[:num_sampled]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
 
-    penalty_history = ModelRunner.penalty_history  # the same for every causal model: prompt + generated
+    penalty_history = staticmethod(causal_penalty_history)  # the same for every causal model
 
 
 def discover_geometry(model: Any) -> KVGeometry:
@@ -88,6 +88,9 @@ def discover_geometry(model: Any) -> KVGeometry:
     shapes = set(probe.key_shapes.values())
     if not probe.key_shapes or len(shapes) != 1 or sorted(probe.key_shapes) != list(range(len(probe.key_shapes))):
         raise NotImplementedError(f"layers' keys differ or did not reach the glue: {probe.key_shapes}")
+    mismatch = attention_variants.config_mismatch(model.config, probe.variants)
+    if mismatch is not None:  # e.g. a window in the model's masks that its layers do not pass on
+        raise NotImplementedError(mismatch)
     ((num_kv_heads, head_dim),) = shapes
     return KVGeometry(len(probe.key_shapes), num_kv_heads, head_dim, probe.dtype, weight.device)
 

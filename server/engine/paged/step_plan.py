@@ -16,7 +16,7 @@ import torch
 from server.engine.paged.attention import DecodeGroup, PrefillChunk, StepPlan
 from server.engine.paged.cpu.native_decode import DecodeReads
 from server.engine.paged.kv_memory import ContextReads, PagedKV
-from server.engine.sequence import Sequence
+from server.engine.request.sequence import Sequence
 
 
 @dataclass

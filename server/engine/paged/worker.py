@@ -24,16 +24,16 @@ from typing import Any
 
 import torch
 
-from server.engine.chunk_budget import ChunkBudget
 from server.engine.config import EngineConfig
 from server.engine.paged import block_hash, step_plan
 from server.engine.paged.block_manager import BlockManager, OutOfBlocks
 from server.engine.paged.kv_memory import PagedKV
 from server.engine.paged.runner import PagedRunner
 from server.engine.paged.step_plan import Chunk
+from server.engine.request.sequence import Sequence
 from server.engine.sampler import make_generator
-from server.engine.scheduler import ADMIT, DEFER, STOP, Scheduler
-from server.engine.sequence import Sequence
+from server.engine.scheduling.chunk_budget import ChunkBudget
+from server.engine.scheduling.scheduler import ADMIT, DEFER, STOP, Scheduler
 from server.engine.worker_base import WorkerBase
 
 WATERMARK_FRACTION = 0.01  # blocks kept free at admission while others run, for their decode growth

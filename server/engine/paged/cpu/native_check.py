@@ -1,13 +1,13 @@
 """Whether a built native decode kernel may serve a model: checked once, on the model's KV geometry and
-dtype, against float64 SDPA. A kernel that disagrees is refused (logged) and the engine keeps SDPA. (The
-exactness probe then checks the whole step against the model's own attention, kernel included.)"""
+dtype, against float64 attention written out in torch (plain, and with a sliding window and a logit cap).
+A kernel that disagrees is refused (logged) and the engine keeps SDPA. (The exactness probe then checks the
+whole step against the model's own attention, kernel included.)"""
 
 from __future__ import annotations
 
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from server.engine.paged.cpu.native_decode import DecodeReads, NativeDecode
 from server.engine.paged.kv_memory import ContextReads, KVGeometry, PagedKV
@@ -20,11 +20,15 @@ _NATIVE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 
 _BLOCK = 8
 _TABLES = [[5, 2, 7, 0, 3], [1], [6, 4, 8]]  # decoding rows' blocks: scattered, one row within one block
 _LENGTHS = [37, 6, 20]
+# (window, softcap), 0 for none: plain, then both variants (a window shorter than every row, a cap that bends
+# scores of about 0.3 * sqrt(head_dim)).
+_VARIANTS = ((0, 0.0), (5, 1.0))
 
 
 def accept(native: NativeDecode, geometry: KVGeometry) -> NativeDecode | None:
     """`native` if, on this geometry and dtype, it stores keys and values exactly and attends within
-    tolerance of float64 SDPA (random data: decoding rows over scattered blocks, then prefill tokens)."""
+    tolerance of float64 attention (random data: decoding rows over scattered blocks, then prefill tokens),
+    plain and with a sliding window and a logit cap."""
     if not native.covers(geometry.dtype, geometry.device):
         return None
     gen = torch.Generator(device=geometry.device).manual_seed(0)
@@ -42,27 +46,41 @@ def accept(native: NativeDecode, geometry: KVGeometry) -> NativeDecode | None:
     # (as a fused projection's slice): each keeps its own strides.
     rows = [memory.rows(t, [n - 1])[0] for t, n in zip(_TABLES, _LENGTHS)] + [79, 72]
     new_kv = [rand(5, kv_heads, dim), rand(5, kv_heads, 3 * dim)[:, :, dim:2 * dim]]
-    queries, out = rand(5, heads, dim), rand(5, heads, dim)
+    for past, new in zip(history, new_kv):
+        past[:, rows] = new.transpose(0, 1)
     width = max(len(t) for t in _TABLES)
     reads = DecodeReads(torch.tensor([t + [0] * (width - len(t)) for t in _TABLES]), torch.tensor(_LENGTHS),
                         _BLOCK.bit_length() - 1)
-    memory.write_and_decode(layer, queries, *new_kv, torch.tensor(rows), reads, 0.3, out)
-    for past, new in zip(history, new_kv):
-        past[:, rows] = new.transpose(0, 1)
-    if not all(torch.equal(now[0], past) for now, past in zip(memory.context(layer, _all_rows(memory)), history)):
-        return _refuse("it stored keys or values in the wrong place")
-    for row, (table, length) in enumerate(zip(_TABLES, _LENGTHS)):
-        keys, values = (past[:, memory.rows(table, range(length))].double() for past in history)
-        want = F.scaled_dot_product_attention(queries[row, :, None].double(), keys, values, scale=0.3,
-                                              enable_gqa=True)[:, 0]  # [H, d]
-        error = float((out[row].double() - want).abs().max() / want.abs().max())
-        if not error <= _NATIVE_TOLERANCE[geometry.dtype]:
-            return _refuse(f"row {row} differs from SDPA by {error:.2e} (relative)")
+    for window, softcap in _VARIANTS:
+        queries, out = rand(5, heads, dim), rand(5, heads, dim)
+        memory.write_and_decode(layer, queries, *new_kv, torch.tensor(rows), reads, 0.3, out, window, softcap)
+        stored = memory.context(layer, _all_rows(memory))
+        if not all(torch.equal(now[0], past) for now, past in zip(stored, history)):
+            return _refuse("it stored keys or values in the wrong place")
+        for row, (table, length) in enumerate(zip(_TABLES, _LENGTHS)):
+            first = max(0, length - window) if window else 0
+            keys, values = (past[:, memory.rows(table, range(first, length))].double() for past in history)
+            want = _reference(queries[row].double(), keys, values, 0.3, softcap)  # [H, d]
+            error = float((out[row].double() - want).abs().max() / want.abs().max())
+            if not error <= _NATIVE_TOLERANCE[geometry.dtype]:
+                return _refuse(f"row {row} (window {window}, softcap {softcap:g}) differs from float64 attention "
+                               f"by {error:.2e} (relative)")
     return native
 
 
+def _reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+               softcap: float) -> torch.Tensor:
+    """Attention of one token's query `[H, d]` over keys/values `[KVH, W, d]`, in plain torch: `[H, d]`."""
+    group = query.shape[0] // keys.shape[0]
+    keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)  # [H, W, d]
+    scores = torch.einsum("hd,hwd->hw", query, keys) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    return torch.einsum("hw,hwd->hd", scores.softmax(-1), values)
+
+
 def _all_rows(memory: PagedKV) -> ContextReads:
-    return ContextReads(memory.num_tokens, 0, None)
+    return ContextReads(memory.num_tokens, [(0, memory.num_tokens)])
 
 
 def _refuse(reason: str) -> None:

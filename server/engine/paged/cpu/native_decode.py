@@ -47,7 +47,7 @@ class NativeDecode:
             fn.restype = None
             fn.argtypes = [pointer, _Int64x3, pointer, _Int64x3, pointer, _Int64x3, pointer, pointer, _Int64x3,
                            pointer, pointer, integer, integer, pointer, integer, integer, integer, integer, integer,
-                           ctypes.c_double, pointer, _Int64x3, ctypes.c_int]
+                           ctypes.c_double, integer, ctypes.c_double, pointer, _Int64x3, ctypes.c_int]
             self._functions[dtype] = fn
 
     @staticmethod
@@ -57,17 +57,19 @@ class NativeDecode:
 
     def run(self, query: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, keys: torch.Tensor,
             values: torch.Tensor, write_rows: torch.Tensor, reads: DecodeReads, scale: float,
-            out: torch.Tensor) -> None:
+            out: torch.Tensor, window: int = 0, softcap: float = 0.0) -> None:
         """query `[N, H, d]`, new_keys/new_values `[N, KVH, d]` (innermost dim contiguous, any other strides,
         each its own); keys/values: one layer's `[KVH, rows, d]`; write_rows `[N]` int64 contiguous; the
-        first `reads.num_decode` tokens are the decoding rows; out `[N, H, d]` (those rows are written)."""
+        first `reads.num_decode` tokens are the decoding rows; out `[N, H, d]` (those rows are written).
+        `window` > 0: a row of length L reads only its last `window` positions (L - window .. L - 1, itself
+        included); `softcap` > 0: scores become softcap * tanh(scores / softcap) before the softmax."""
         num_tokens, num_heads, head_dim = query.shape
         self._functions[query.dtype](
             query.data_ptr(), _strides(query), new_keys.data_ptr(), _strides(new_keys), new_values.data_ptr(),
             _strides(new_values), keys.data_ptr(), values.data_ptr(), _strides(keys), write_rows.data_ptr(),
             reads.tables.data_ptr(), reads.tables.shape[1], reads.block_shift, reads.lengths.data_ptr(),
-            num_tokens, reads.num_decode, num_heads, new_keys.shape[1], head_dim, scale, out.data_ptr(),
-            _strides(out), torch.get_num_threads())
+            num_tokens, reads.num_decode, num_heads, new_keys.shape[1], head_dim, scale, window, softcap,
+            out.data_ptr(), _strides(out), torch.get_num_threads())
 
 
 @dataclass

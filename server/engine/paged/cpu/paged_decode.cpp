@@ -8,6 +8,10 @@
 // kv_memory.py passes its own strides. OpenMP symbols are left undefined and bind to the runtime torch
 // already loaded (or the preloaded Intel one): one thread pool, never two.
 //
+// Two attention variants, per layer: a sliding window (a row at position p reads only positions
+// p - window + 1 .. p, itself included: transformers' `kv_idx > q_idx - sliding_window`; 0 = none) and
+// logit soft-capping (scores = softcap * tanh(scores / softcap) before the softmax, as Gemma 2; 0 = none).
+//
 // Two ways to attend one (row, kv head): `attend_vector` with AVX-512 (float32 and bfloat16, head_dim a
 // multiple of 16), and `attend_scalar` for everything else (float64, other machines, odd head sizes). The
 // vector one is bound by memory latency, not arithmetic, so it prefetches the columns it reads next.
@@ -44,24 +48,36 @@ inline void store(BF16* p, float x) {  // round to nearest even, as torch does
 
 struct Strides { int64_t a, b, c; };  // element strides of a 3-d view (the innermost stride is 1)
 
-// Column w of one head of a decoding row: KV row `table[w >> shift] << shift | (w & mask)` (blocks of
-// 2^shift tokens), `stride` elements apart.
+// Column w of one head of a decoding row, counted from its first read position `first` (0 without a
+// window): KV row `table[p >> shift] << shift | (p & mask)` for p = first + w (blocks of 2^shift tokens),
+// `stride` elements apart.
 template <typename T>
 struct Columns {
   const T* base;  // the layer's keys (or values) of this head
   const int64_t* table;  // the row's block table
-  int64_t shift, mask, stride;
-  const T* at(int64_t w) const { return base + ((table[w >> shift] << shift) | (w & mask)) * stride; }
+  int64_t shift, mask, stride, first;
+  const T* at(int64_t w) const {
+    const int64_t p = first + w;
+    return base + ((table[p >> shift] << shift) | (p & mask)) * stride;
+  }
 };
 
-// One (row, kv head): its `group` query heads `q` (scaled, Acc) over `length` columns, into `out` rows.
+// One (row, kv head): its `group` query heads `q` (scaled, Acc) over `length` columns, into `out` rows;
+// scores soft-capped when `softcap` > 0.
 template <typename T, typename Acc>
 struct Work {
   const Columns<T> k, v;
   int64_t length, group, head_dim;
   T* out;
   int64_t out_stride;  // between the group's query heads
+  Acc softcap;
 };
+
+// scores[0 .. n) = softcap * tanh(scores / softcap)
+template <typename Acc>
+void soft_cap(Acc* scores, int64_t n, Acc softcap) {
+  for (int64_t w = 0; w < n; ++w) scores[w] = softcap * std::tanh(scores[w] / softcap);
+}
 
 template <typename T, typename Acc>
 void attend_scalar(const Work<T, Acc>& job, const Acc* q, std::vector<Acc>& scores, std::vector<Acc>& acc) {
@@ -77,6 +93,7 @@ void attend_scalar(const Work<T, Acc>& job, const Acc* q, std::vector<Acc>& scor
       scores[g * length + w] = s;
     }
   }
+  if (job.softcap > 0) soft_cap(scores.data(), group * length, job.softcap);
   for (int64_t g = 0; g < group; ++g) {
     Acc* sg = scores.data() + g * length;
     const Acc top = *std::max_element(sg, sg + length);
@@ -150,6 +167,7 @@ void attend_vector(const Work<T, float>& job, const float* q, std::vector<float>
   inverse.resize(group);  // 1 / each query head's softmax denominator
   for (int64_t g = 0; g < group; ++g) {
     float* sg = scores.data() + g * padded;
+    if (job.softcap > 0) soft_cap(sg, length, job.softcap);
     const __mmask16 tail = __mmask16((1u << (length & 15)) - 1u);
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t w = 0; w + 16 <= length; w += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(sg + w));
@@ -202,12 +220,12 @@ void paged_decode(const T* query, Strides qs, const T* new_keys, Strides ks, con
                   T* keys, T* values, Strides ps, const int64_t* write_rows, const int64_t* tables,
                   int64_t max_blocks, int64_t block_shift, const int64_t* lengths, int64_t num_tokens,
                   int64_t num_decode, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale,
-                  T* out, Strides os, int num_threads) {
+                  int64_t window, double softcap, T* out, Strides os, int num_threads) {
   // query [N, H, d] (qs: token, head); new_keys/values [N, KVH, d] (ks/vs: token, head; each its own: a
   // model may hand over keys made by a concatenation and values sliced from a fused projection);
   // keys/values: this layer's [KVH, rows, d] (ps: head, row); write_rows [N]: where token t goes;
   // tables [num_decode, max_blocks] and lengths [num_decode]: the decoding rows (the step's first tokens);
-  // out [N, H, d] (os: token, head).
+  // out [N, H, d] (os: token, head); window (0: none) and softcap (0: none): the layer's variants.
 #pragma omp parallel num_threads(num_threads)
   {
 #pragma omp for schedule(static)
@@ -223,9 +241,11 @@ void paged_decode(const T* query, Strides qs, const T* new_keys, Strides ks, con
     for (int64_t item = 0; item < num_decode * num_kv_heads; ++item) {
       const int64_t r = item / num_kv_heads, h = item % num_kv_heads;
       const int64_t* table = tables + r * max_blocks;
-      const Work<T, Acc> job{{keys + h * ps.a, table, block_shift, mask, ps.b},
-                             {values + h * ps.a, table, block_shift, mask, ps.b},
-                             lengths[r], group, head_dim, out + r * os.a + h * group * os.b, os.b};
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lengths[r] - window) : 0;
+      const Work<T, Acc> job{{keys + h * ps.a, table, block_shift, mask, ps.b, first},
+                             {values + h * ps.a, table, block_shift, mask, ps.b, first},
+                             lengths[r] - first, group, head_dim, out + r * os.a + h * group * os.b, os.b,
+                             Acc(softcap)};
       for (int64_t g = 0; g < group; ++g) {
         const T* qr = query + r * qs.a + (h * group + g) * qs.b;
         for (int64_t i = 0; i < head_dim; ++i) q[g * head_dim + i] = Acc(load(qr[i])) * Acc(scale);
@@ -243,12 +263,14 @@ void paged_decode(const T* query, Strides qs, const T* new_keys, Strides ks, con
                        const int64_t* ps, const int64_t* write_rows, const int64_t* tables,                 \
                        int64_t max_blocks, int64_t block_shift, const int64_t* lengths, int64_t num_tokens, \
                        int64_t num_decode, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,       \
-                       double scale, void* out, const int64_t* os, int num_threads) {                       \
+                       double scale, int64_t window, double softcap, void* out, const int64_t* os,          \
+                       int num_threads) {                                                                   \
     paged_decode<T, ACC>(static_cast<const T*>(query), {qs[0], qs[1], 0}, static_cast<const T*>(new_keys),   \
                          {ks[0], ks[1], 0}, static_cast<const T*>(new_values), {vs[0], vs[1], 0},            \
                          static_cast<T*>(keys), static_cast<T*>(values), {ps[0], ps[1], 0}, write_rows,      \
                          tables, max_blocks, block_shift, lengths, num_tokens, num_decode, num_heads,        \
-                         num_kv_heads, head_dim, scale, static_cast<T*>(out), {os[0], os[1], 0},             \
+                         num_kv_heads, head_dim, scale, window, softcap, static_cast<T*>(out),               \
+                         {os[0], os[1], 0},                                                                  \
                          num_threads);                                                                       \
   }
 

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
-from server.engine import kv_cache
-from server.engine.batch import Batch, ForwardInputs, prefill_inputs
 from server.engine.faults import DECODE, PREFILL, FaultInjector
-from server.engine.sequence import Sequence
+from server.engine.hf_cache import kv_cache
+from server.engine.hf_cache.batch import Batch, ForwardInputs, prefill_inputs
+from server.engine.request.sequence import Sequence
+from server.engine.sampler import causal_penalty_history
 
 
 class ModelRunner:
@@ -43,7 +44,7 @@ class ModelRunner:
 
     def penalty_history(self, seq: Sequence) -> list[int]:
         """Tokens the repetition penalty sees: prompt and generated tokens, as in HF generate."""
-        return seq.prompt_ids + seq.generated
+        return causal_penalty_history(seq)
 
     def _forward(self, inputs: ForwardInputs, cache: Any) -> torch.Tensor:
         kwargs: dict[str, Any] = {

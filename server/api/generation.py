@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from server.api.deps import check_use, get_runtime
-from server.auth import Tenant
+from server.api_error import ApiError
 from server.engine.errors import InputTooLong, QueueFull
 from server.engine.types import GenerationResult, SamplingParams, Share, TokenEvent
-from server.errors import ApiError
 from server.tenancy.gate import TenantGate
+from server.tenancy.tenant import Tenant
 
 # An ASGI server may put a callable under this key of the scope's "extensions": it is called once the
 # engine admits the request (the scale-out replica tells its ingress that a retry is no longer safe).
@@ -90,11 +90,11 @@ async def submit(request: Request, tenant: Tenant, call: GenerationCall) -> Gene
     limit = runtime.engine.config.max_new_tokens
     if call.params.max_new_tokens > limit:  # before the limiter reserves tokens for it
         raise InputTooLong(f"max_new_tokens {call.params.max_new_tokens} exceeds the limit {limit}")
-    ids = runtime.engine.tokenize(call.inputs)
-    grant = gate.admit(tenant, call.task_id, len(ids), call.params.max_new_tokens)
+    tokens = runtime.engine.tokenize(call.inputs)  # once: the engine queues these very ids
+    grant = gate.admit(tenant, call.task_id, len(tokens), call.params.max_new_tokens)
     request.state.ratelimit_headers = grant.headers
     try:
-        stream = await runtime.engine.submit(ids, task_id=call.task_id, params=call.params,
+        stream = await runtime.engine.submit(tokens, task_id=call.task_id, params=call.params,
                                              request_id=getattr(request.state, "request_id", None),
                                              share=Share(tenant.name, tenant.weight))
     except QueueFull:

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from server.engine import kv_cache
-from server.engine.batch import Batch, EncoderState, prefill_inputs
 from server.engine.faults import DECODE, PREFILL, FaultInjector
-from server.engine.seq2seq_families import PositionTables, bare_text_scale
-from server.engine.sequence import Sequence
+from server.engine.hf_cache import kv_cache
+from server.engine.hf_cache.batch import Batch, EncoderState, prefill_inputs
+from server.engine.hf_cache.seq2seq_families import PositionTables, bare_text_scale
+from server.engine.request.sequence import Sequence
 
 
 class Seq2SeqRunner:

@@ -55,11 +55,6 @@ def width(cache) -> int:
     return int(_self_attention(cache).get_seq_length())
 
 
-def cross_width(cache: EncoderDecoderCache) -> int:
-    """Number of cross-attention columns (encoder positions) per row."""
-    return int(cache.cross_attention_cache.get_seq_length())
-
-
 def batch_size(cache) -> int:
     """Number of rows."""
     layers = _layers(_self_attention(cache))

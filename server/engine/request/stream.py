@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from functools import partial
 
-from server.engine.outbox import Outbox
+from server.engine.request.outbox import Outbox
 from server.engine.types import GenerationResult, TokenEvent
 
 _END = object()
@@ -20,7 +20,8 @@ class RequestStream:
     """`async for event in stream` yields TokenEvents; `await stream.result()` gives the GenerationResult."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, outbox: Outbox, *,
-                 num_prompt_tokens: int = 0, num_virtual_tokens: int = 0):
+                 cancel: Callable[[], None], num_prompt_tokens: int = 0, num_virtual_tokens: int = 0):
+        """`cancel`: asks the engine to drop the request (called by `cancel()`, on the event loop)."""
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
         self.num_virtual_tokens = num_virtual_tokens
@@ -29,7 +30,7 @@ class RequestStream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._result: asyncio.Future = loop.create_future()
         self._result.add_done_callback(_mark_retrieved)
-        self._cancel: Callable[[], None] = lambda: None
+        self._cancel = cancel
         self._start_listeners: list[Callable[[], None]] | None = []  # None once started
         self._done_listeners: list[Callable[[GenerationResult | None], None]] = []
 

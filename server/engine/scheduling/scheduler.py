@@ -7,9 +7,8 @@ from collections.abc import Callable
 
 from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull
-from server.engine.fair_share import FairShare
-from server.engine.sequence import Sequence, Status
-
+from server.engine.request.sequence import Sequence, Status
+from server.engine.scheduling.fair_share import FairShare
 
 # What the paged worker says of a request it may admit (Scheduler.admit_slots).
 ADMIT = "admit"  # placed: it runs from this step
@@ -46,11 +45,6 @@ class Scheduler:
     def has_work(self) -> bool:
         """Whether the worker has anything to do."""
         return bool(self._fair.num_waiting or self._running)
-
-    def served(self, tenant: str) -> float:
-        """Tokens served to `tenant` per unit of its weight."""
-        with self._lock:
-            return self._fair.counter(tenant)
 
     def check_room(self, tenant: str, weight: float) -> None:
         """Raise QueueFull if `tenant` may not queue one more request.

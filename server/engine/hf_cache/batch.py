@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from server.engine import kv_cache
-from server.engine.sequence import Sequence
+from server.engine.hf_cache import kv_cache
+from server.engine.request.sequence import Sequence
 
 
 @dataclass

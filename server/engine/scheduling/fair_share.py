@@ -142,11 +142,6 @@ class FairShare:
         top = max(self._tenants[s.tenant].counter for s in running)
         return [s for s in running if self._tenants[s.tenant].counter == top][-1]
 
-    def counter(self, tenant: str) -> float:
-        """Tokens served to `tenant` per unit of weight (for tests and metrics)."""
-        found = self._tenants.get(tenant)
-        return found.counter if found else 0.0
-
     # -- internals ------------------------------------------------------------------------------
     def _charge(self, seq: Queued, tenant: _Tenant) -> None:
         num_new = seq.num_context_tokens - seq.num_charged

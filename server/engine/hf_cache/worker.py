@@ -1,6 +1,6 @@
-"""Worker (legacy path: encoder-decoders, and causal models the slot engine cannot run): one engine step
-(cancel, admit, prefill newcomers, merge, decode, sample, emit, filter) over a transformers cache, with
-fault isolation: a failing forward is retried on halves of its rows until the culprit fails alone."""
+"""Worker (the DynamicCache path: encoder-decoders, and causal models the paged path cannot run): one
+engine step (cancel, admit, prefill newcomers, merge, decode, sample, emit, filter) over a transformers
+cache, with fault isolation: a failing forward is retried on halves of its rows until the culprit fails alone."""
 
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ from typing import Any
 
 import torch
 
-from server.engine import kv_cache
-from server.engine.batch import Batch
-from server.engine.runner import ModelRunner
-from server.engine.runner_seq2seq import Seq2SeqRunner
+from server.engine.hf_cache import kv_cache
+from server.engine.hf_cache.batch import Batch
+from server.engine.hf_cache.runner import ModelRunner
+from server.engine.hf_cache.runner_seq2seq import Seq2SeqRunner
+from server.engine.request.sequence import Sequence
 from server.engine.sampler import make_generator
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
-from server.engine.worker_base import LogitsTap, WorkerBase
-
-__all__ = ["LogitsTap", "Worker"]
+from server.engine.scheduling.scheduler import Scheduler
+from server.engine.worker_base import WorkerBase
 
 
 class Worker(WorkerBase):

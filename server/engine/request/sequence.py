@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.stop_matcher import StopMatcher
+from server.engine.request.detokenizer import IncrementalDetokenizer
+from server.engine.request.stop_matcher import StopMatcher
 from server.engine.types import (
     FINISH_CANCELLED,
     FINISH_EOS,
@@ -61,7 +61,7 @@ class Sequence:
     # Causal LMs continue the prompt's text, so its last tokens decode with the output (word-initial
     # spaces); an encoder-decoder's output starts a fresh text, decoded alone as HF's decode does.
     continues_prompt: bool = True
-    tenant: str = ""  # whose share of the batch it draws on (fair_share.py); "" when fair share is off
+    tenant: str = ""  # whose share of the batch it draws on (scheduling/fair_share.py); "" if fair share is off
     weight: float = 1.0  # its tenant's weight
     num_charged: int = 0  # context tokens already counted against its tenant's share
     status: Status = Status.WAITING
