@@ -5,10 +5,10 @@ compile), in alternating rounds of one run.
 64 requests arrive 0.3 s apart (open loop), prompts of 32-768 tokens, 16-128 new tokens, 16 tasks of 20
 virtual tokens (seeded). Prints per engine: generated tokens/s over the run, time to first token and
 inter-token time p50/p99 (from the streamed tokens), and their ratios. Then one profiled round per engine
-(the steps driven on this thread, so torch.profiler sees them) prints the share of the run's wall time
-spent in cache copies: for the legacy engine the cache's own growth (`DynamicLayer.update`), merge and
-select; for the paged engine, which copies no cache, reading prefill chunks' contexts (views of a run of
-blocks, gathers of scattered ones).
+(torch.profiler started on the engine's own thread through Engine.set_side_work, so that it sees the
+steps) prints the share of the run's wall time spent in cache copies: for the legacy engine the cache's
+own growth (`DynamicLayer.update`), merge and select; for the paged engine, which copies no cache, reading
+prefill chunks' contexts (views of a run of blocks, gathers of scattered ones).
 
 Run: python bench/bench_churn.py [--rounds 3] [--hidden 512 --layers 8] [--device cuda --dtype bf16]
      [--stall-ratios 0,1.8 --skip-legacy]  (paged engine settings against each other)
@@ -25,6 +25,8 @@ import asyncio
 import random
 import statistics
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import ExitStack
 
 import torch
@@ -82,17 +84,48 @@ def run_round(engine, requests, interval: float) -> dict[str, float]:
             "ttft_p99": q(ttfts, 99), "itl_p50": q(gaps, 50), "itl_p99": q(gaps, 99)}
 
 
+class OnEngineThread:
+    """Side work (Engine.set_side_work) that makes one call on the engine's own thread, between two steps:
+    torch.profiler sees only the thread that starts it."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self._pending: tuple[Callable[[], object], Future] | None = None
+
+    def has_work(self) -> bool:
+        return self._pending is not None
+
+    def run_slice(self, is_serving: bool) -> None:
+        (fn, future), self._pending = self._pending, None
+        try:
+            future.set_result(fn())
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            future.set_exception(exc)
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """`fn()` on the engine's thread, between two steps; its result (or its exception) here."""
+        future: Future = Future()
+        self._pending = (fn, future)
+        self._engine.notify()
+        return future.result()
+
+
 def copy_share(engine, requests, interval: float, is_legacy: bool) -> float:
-    """One round driven on this thread under torch.profiler: the wall-time share of cache copies."""
+    """One more round under torch.profiler, started and stopped on the engine's thread (where the steps
+    run): the wall-time share of cache copies."""
     from torch.profiler import ProfilerActivity, profile, record_function
     from transformers.cache_utils import DynamicLayer
 
-    from server.engine import kv_cache
+    from server.engine.hf_cache import kv_cache
     from server.engine.paged.kv_memory import PagedKV
 
     # The paged engine copies no cache: only the gathers of prefill chunks over scattered blocks remain.
     targets = ([(DynamicLayer, "update"), (kv_cache, "merge"), (kv_cache, "select")] if is_legacy else
                [(PagedKV, "context")])
+    with profile(activities=[ProfilerActivity.CPU]):
+        pass  # the profiler's library initialises once, on the thread that loaded it: this one
+    on_engine = OnEngineThread(engine)
+    prof = profile(activities=[ProfilerActivity.CPU])
     with ExitStack() as undo:
         for owner, name in targets:
             original = getattr(owner, name)
@@ -102,31 +135,17 @@ def copy_share(engine, requests, interval: float, is_legacy: bool) -> float:
                     return _original(*a, **k)
             setattr(owner, name, wrapped)
             undo.callback(setattr, owner, name, original)
-        engine.stop(grace_s=1)  # its thread stops; this thread drives the steps
-        engine._is_accepting = True  # noqa: SLF001 - a benchmark-only driver
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            started = time.monotonic()
-            asyncio.run(_driven(engine, requests, interval))
-            wall = time.monotonic() - started
+        engine.stop(grace_s=1)  # and start again: memory freed and the prefix cache empty, as before round 1
+        engine.start()
+        engine.set_side_work(on_engine)
+        undo.callback(engine.set_side_work, None)
+        on_engine.call(prof.start)
+        started = time.monotonic()
+        run_round(engine, requests, interval)
+        wall = time.monotonic() - started
+        on_engine.call(prof.stop)
     copies = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "cache_copy") / 1e6
     return copies / wall
-
-
-async def _driven(engine, requests, interval: float) -> None:
-    from server.engine.types import SamplingParams
-
-    started, pending, streams = time.monotonic(), list(enumerate(requests)), []
-    with torch.inference_mode():
-        while pending or engine._scheduler.has_work():  # noqa: SLF001
-            while pending and time.monotonic() - started >= pending[0][0] * interval:
-                _, (ids, task, new) = pending.pop(0)
-                params = SamplingParams(max_new_tokens=new, ignore_eos=True)
-                streams.append(await engine.submit(ids, task_id=task, params=params))
-            if engine._scheduler.has_work():  # noqa: SLF001
-                engine._worker.step()  # noqa: SLF001
-            else:
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(0)  # deliver the step's tokens
 
 
 def main() -> None:

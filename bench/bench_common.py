@@ -56,28 +56,24 @@ def prepare_model(args: argparse.Namespace):
 
 
 def build_model(args: argparse.Namespace):
-    """A model from config (random weights) and the demo tokenizer, frozen."""
+    """A model from config (random weights) and the demo tokenizer, frozen: server/demo.py's config of
+    --family at these sizes, with 4x-wide feed-forward layers, full key/value heads, and 2048 positions (1024
+    for BART)."""
     import transformers as tf
 
-    from server.demo import demo_corpus, train_tokenizer
+    from server.demo import demo_corpus, model_config, train_tokenizer
     from server.engine.model_loader import describe, resolve_device, resolve_dtype
 
     tokenizer = train_tokenizer(demo_corpus(), vocab_size=512)
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     h, n, heads = args.hidden, args.layers, args.heads
+    config = model_config(args.family, tokenizer, hidden_size=h, num_layers=n, num_heads=heads,
+                          max_positions=1024 if args.family == "bart" else 2048)
     if args.family == "llama":
-        config = tf.LlamaConfig(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=n,
-                                num_attention_heads=heads, max_position_embeddings=2048, **ids)
-    elif args.family == "gpt2":
-        config = tf.GPT2Config(n_embd=h, n_layer=n, n_head=heads, n_positions=2048, **ids)
+        config.intermediate_size, config.num_key_value_heads = 4 * h, heads
     elif args.family == "t5":
-        config = tf.T5Config(d_model=h, d_kv=h // heads, d_ff=4 * h, num_layers=n, num_heads=heads,
-                             decoder_start_token_id=tokenizer.pad_token_id, **ids)
-    else:
-        config = tf.BartConfig(d_model=h, encoder_layers=n, decoder_layers=n, encoder_attention_heads=heads,
-                               decoder_attention_heads=heads, encoder_ffn_dim=4 * h, decoder_ffn_dim=4 * h,
-                               max_position_embeddings=1024, decoder_start_token_id=tokenizer.eos_token_id, **ids)
+        config.d_ff = 4 * h
+    elif args.family == "bart":
+        config.encoder_ffn_dim = config.decoder_ffn_dim = 4 * h
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(0)

@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import multiprocessing
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flood_client import FloodClient, poisson_arrivals, poisson_flood
+from servers import ServerProcess, free_port, promptserve_command
 
 KEYS = {"A": "noisy-key-0001", "B": "steady-key-001"}
 TASKS = {"A": "task-a", "B": "task-b"}  # each tenant its own prompt-tuned task (8 virtual tokens)
@@ -76,35 +75,27 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-dir", type=Path, default=None, help="model folder (default: a llama of --hidden and "
+                   "--layers, built)")
     return p.parse_args()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(root: Path, model: Path, work: Path, args, *extra: str) -> tuple[subprocess.Popen, str]:
+def start(root: Path, model: Path, work: Path, args, *extra: str) -> ServerProcess:
+    """The server of the tree at `root` (this one, or the baseline's worktree), ready, with both tenants' tasks."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--store", str(work / "store"),
-           "--port", str(port), "--device", "cpu", "--max-batch-size", str(args.batch), "--max-queue",
-           str(args.queue), "--api-keys", str(work.parent / "keys.yaml"), "--log-level", "warning", *extra]
-    with open(work / "server.err", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=err)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                for tenant, task in TASKS.items():
-                    httpx.put(f"{url}/v1/tasks/{task}", json={"init": "random", "num_virtual_tokens": 8},
-                              headers={"Authorization": f"Bearer {KEYS[tenant]}"}, timeout=60).raise_for_status()
-                return proc, url
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {(work / 'server.err').read_text()[-2000:]}")
-        time.sleep(0.5)
-    raise SystemExit("server did not become ready")
+    cmd = promptserve_command("--model", str(model), "--store", str(work / "store"), "--port", str(port), "--device",
+                              "cpu", "--max-batch-size", str(args.batch), "--max-queue", str(args.queue),
+                              "--api-keys", str(work.parent / "keys.yaml"), "--log-level", "warning", *extra)
+    server = ServerProcess("server", cmd, work / "server.log", port, cwd=root)
+    try:
+        server.wait_ready(300)
+    except RuntimeError as exc:
+        server.stop()
+        raise SystemExit(str(exc)) from None
+    for tenant, task in TASKS.items():
+        httpx.put(f"{server.url}/v1/tasks/{task}", json={"init": "random", "num_virtual_tokens": 8},
+                  headers={"Authorization": f"Bearer {KEYS[tenant]}"}, timeout=60).raise_for_status()
+    return server
 
 
 async def one(client: httpx.AsyncClient, tenant: str, new_tokens: int, tally: Tally) -> None:
@@ -210,10 +201,12 @@ def main() -> None:
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="bench-fair-") as tmp:
         tmp = Path(tmp)
-        from server.demo import build_model_folder
+        model = args.model_dir
+        if model is None:
+            from server.demo import build_model_folder
 
-        model = build_model_folder(tmp / "model", family="llama", hidden_size=args.hidden, num_layers=args.layers,
-                                   num_heads=max(1, args.hidden // 64))
+            model = build_model_folder(tmp / "model", family="llama", hidden_size=args.hidden,
+                                       num_layers=args.layers, num_heads=max(1, args.hidden // 64))
         keys = [{"key": key, "tenant": name, "tasks": [TASKS[name]], "admin": True} for name, key in KEYS.items()]
         (tmp / "keys.yaml").write_text(yaml.safe_dump({"keys": keys}))
         servers = [("fair", repo, ()), ("fifo", repo, ("--no-fair-share",))]
@@ -226,17 +219,16 @@ def main() -> None:
             for name, root, extra in servers:
                 work = tmp / name.split()[0]
                 work.mkdir()
-                proc, url = start(root, model, work, args, *extra)
+                server = start(root, model, work, args, *extra)
                 try:
                     if cap is None:
-                        cap = asyncio.run(capacity(url, args))
+                        cap = asyncio.run(capacity(server.url, args))
                         print(f"capacity {cap:.1f} requests/s ({args.new_tokens} new tokens, batch {args.batch}); "
                               f"B at {args.b_share * cap:.1f}/s, A at {args.flood * cap / 2:.1f}/s")
-                    results[name] = asyncio.run(phases(url, cap, args))
+                    results[name] = asyncio.run(phases(server.url, cap, args))
                     report(name, results[name])
                 finally:
-                    proc.terminate()
-                    proc.wait(30)
+                    server.stop(grace_s=30)
         finally:
             if args.baseline_commit:
                 subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp / "baseline-src")],

@@ -6,6 +6,7 @@ tokens, ~12-token inputs, 32 new tokens. Both sides run the same engine settings
 one side runs, the other is idle. Prints tokens/s medians and HTTP / in-process.
 
 Run: python bench/bench_http.py [--rounds 5] [--requests 16] [--dtype bfloat16] [--server-args "..."]
+     [--model-dir DIR]  (another model folder, e.g. a tiny one for a smoke run)
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="both sides without torch.compile")
     p.add_argument("--server-args", default="", help="extra flags for promptserve serve")
     p.add_argument("--work-dir", type=Path, default=None)
+    p.add_argument("--model-dir", type=Path, default=None, help="model folder (default: bench_peer's, built "
+                   "in the work dir)")
     return p.parse_args()
 
 
@@ -54,7 +57,7 @@ async def _http_round(url: str, tasks: list[str], inputs: list[str], new_tokens:
     reqs = [ps.Request(t, x, [], new_tokens) for t, x in zip(tasks, inputs)]
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(reqs))) as client:
         started = time.perf_counter()
-        replies = await asyncio.gather(*(client.post(f"{url}/generate", json=side._body(r)) for r in reqs))
+        replies = await asyncio.gather(*(client.post(f"{url}/generate", json=side.body(r)) for r in reqs))
         wall = time.perf_counter() - started
     assert all(r.status_code == 200 for r in replies), [r.text[:200] for r in replies if r.status_code != 200]
     return sum(r.json()["details"]["generated_tokens"] for r in replies), wall
@@ -78,8 +81,8 @@ def main() -> None:
     args = parse_args()
     torch.set_grad_enabled(False)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-http-"))
-    model_dir = ps.build_model_dir(work / "model")
-    ps.write_tasks(work / "store", "task", args.requests, 20, seed=1)
+    model_dir = args.model_dir or ps.build_model_dir(work / "model")
+    ps.write_tasks(work / "store", "task", args.requests, 20, seed=1, hidden=ps.hidden_size(model_dir))
     tasks, inputs = [f"task{i:02d}" for i in range(args.requests)], texts(args.requests)
     extra = args.server_args + (" --no-compile" if args.eager else "")
     server = ps.start_promptserve(model_dir, work / "store", args.dtype, args.device, extra, work / "server.log")

@@ -19,6 +19,7 @@ copy of the model declaring --max-positions (16384 for memory), or on --model-di
 Run: python bench/bench_peer.py [--rounds 3] [--dtype float32|bfloat16|both] [--device cpu|cuda] [--scale 0.25]
      [--vllm-python /work/peer/vllm-venv/bin/python] [--tcmalloc .../libtcmalloc_minimal.so.4] [--json-out F]
      [--suite classic|memory|grid] [--kv-gib 1] [--max-positions 16384] [--long-tokens 9000]
+     [--model-dir DIR] [--quiet-timeout-s 20]  (a smoke run: a tiny model's folder, --scale 0.05, 0)
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--p3-requests", type=int, default=64)
     p.add_argument("--p3-max-s", type=float, default=120.0, help="P3 stops sending after this many seconds")
     p.add_argument("--start-timeout-s", type=float, default=300.0)
+    p.add_argument("--quiet-timeout-s", type=float, default=20.0, help="before each measurement, wait up to this "
+                   "long for idle servers and a quiet machine (0: measure at once, no idle-CPU sample; a smoke run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--suite", default="classic", choices=["classic", "memory", "grid"])
@@ -145,7 +148,8 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, dict, dict[str,
     model_dir = ps.build_model_dir(args.model_dir or work / "model")
     workloads, prompts = scaled(WORKLOADS, args), {}
     for i, w in enumerate(workloads):
-        prompts.update(ps.write_tasks(work / "store", f"{w.name.lower()}-t", w.num_tasks, w.num_virtual, 100 + i))
+        prompts.update(ps.write_tasks(work / "store", f"{w.name.lower()}-t", w.num_tasks, w.num_virtual, 100 + i,
+                                      ps.hidden_size(model_dir)))
     tokenizer, words = AutoTokenizer.from_pretrained(model_dir), demo_corpus().split()
     rng = random.Random(args.seed)
     # Fresh texts for every round (same tasks, same length ranges): sent again, a text would let vLLM's
@@ -194,7 +198,7 @@ def measure(bench: Bench, w: Workload, name: str, arrivals: list[float] | None,
             key: str | int) -> tuple[dict, list[ps.Reply]]:
     """One workload's request set `key` on one side, the other servers quiet, then paused: figures and
     replies."""
-    wait_quiet(list(bench.servers.values()))
+    wait_quiet(list(bench.servers.values()), bench.args.quiet_timeout_s)
     reqs = bench.requests[request_set(w.name, key)]
     with ExitStack() as others:
         for other in (s for n, s in bench.servers.items() if n != name):
@@ -286,9 +290,10 @@ def run_dtype(args: argparse.Namespace, dtype: str, work: Path) -> dict:
         sides, notes = start_servers(args, dtype, model_dir, work, prompts, servers)
         bench = Bench(args, workloads, requests, servers, sides, {}, {}, notes)
         warm_up(bench)
-        shares, machine = ps.cpu_shares(list(servers.values()), 3.0)
-        notes["idle_cores"] = {**dict(zip(servers, (round(x, 3) for x in shares))), "machine": round(machine, 3)}
-        print(f"  idle CPU (cores busy): {notes['idle_cores']}", flush=True)
+        if args.quiet_timeout_s > 0:
+            shares, machine = ps.cpu_shares(list(servers.values()), 3.0)
+            notes["idle_cores"] = {**dict(zip(servers, (round(x, 3) for x in shares))), "machine": round(machine, 3)}
+            print(f"  idle CPU (cores busy): {notes['idle_cores']}", flush=True)
         rate = p3_rate(bench)
         notes["p3_rate_rps"] = round(rate, 3)
         print(f"  P3 arrivals: {rate:.2f} requests/s", flush=True)

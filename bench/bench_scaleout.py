@@ -12,7 +12,7 @@ through the single-process server (1 thread), on bench_peer's model (8-layer, 51
 
 The configurations run one after another (each owns the machine while it runs); medians are reported.
 Each configuration is measured once all its replicas are up (/ready's x-promptserve-replicas-live).
-Run: python bench/bench_scaleout.py [--rounds 3] [--concurrency 16 64] [--work-dir DIR]
+Run: python bench/bench_scaleout.py [--rounds 3] [--concurrency 16 64] [--work-dir DIR] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--affinity-tasks", type=int, default=1000)
     p.add_argument("--affinity-requests", type=int, default=2000)
     p.add_argument("--work-dir", type=Path, default=None)
+    p.add_argument("--model-dir", type=Path, default=None, help="model folder (default: bench_peer's, built "
+                   "in the work dir)")
     return p.parse_args()
 
 
@@ -154,8 +156,9 @@ def main() -> None:
     """Three configurations, then the ratios."""
     args = parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
-    model = ps.build_model_dir(work / "model")
-    ps.write_tasks(work / "store", "task", max(args.tasks, args.affinity_tasks), 20, seed=1)
+    model = args.model_dir or ps.build_model_dir(work / "model")
+    ps.write_tasks(work / "store", "task", max(args.tasks, args.affinity_tasks), 20, seed=1,
+                   hidden=ps.hidden_size(model))
     flags = "--replica-threads 1 --replica-num-cpus 1"
     single = run_config("single process", "", model, work / "store", work, args, 0)
     one = run_config("1 replica", f"--replicas 1 {flags}", model, work / "store", work, args, 1)

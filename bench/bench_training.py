@@ -142,6 +142,8 @@ async def steady_load(engine, task: str, seconds: float, streams: int, new_token
 
 
 def serving(args, loaded) -> None:
+    from server.training.examples import longest, read_jsonl
+    from server.training.job_prep import ModelFacts
     from server.training.runner import TrainingRunner
     from server.training.state import TrainingState, new_job
 
@@ -149,13 +151,15 @@ def serving(args, loaded) -> None:
     engine = make_engine(loaded, store, args)
     state = TrainingState(Path(tempfile.mkdtemp(prefix="bench-training-")))
     share = {} if args.share_under_load is None else {"share_under_load": args.share_under_load}
-    runner = TrainingRunner(state, model=loaded.model, tokenizer=loaded.tokenizer, store=store, engine=engine,
-                            task_type="CAUSAL_LM", **share)
+    facts = ModelFacts(loaded.model, loaded.tokenizer, loaded.task_type, loaded.max_positions)
+    runner = TrainingRunner(state, facts=facts, store=store, engine=engine, **share)
     engine.set_side_work(runner)
     runner.take_ownership()  # the only server on its folder (the server's JobWatcher does this)
     lines = "\n".join(json.dumps({"prompt": " ".join(TEXT.split()[i % 5:i % 5 + 5]), "completion": f" answer {i}"})
                       for i in range(64)).encode()
-    file_id = state.add_file(lines, filename="train.jsonl", purpose="fine-tune", tenant="bench", num_examples=64)["id"]
+    counts = longest(read_jsonl(lines, loaded.tokenizer, is_encoder_decoder=False))  # as the upload route counts
+    file_id = state.add_file(lines, filename="train.jsonl", purpose="fine-tune", tenant="bench", counts=counts,
+                             ttl_s=86400)["id"]
     p99s = {"without": [], "with": []}
     p50s = {"without": [], "with": []}
     try:

@@ -2,12 +2,14 @@
 
     python bench/overload.py                       # tiny llama on CPU, 60 s overload (about 3 min in all)
     python bench/overload.py --overload-s 20 --factor 2
+    python bench/overload.py --phase-s 1 --overload-s 1.5 --warmup-s 0   # a smoke run (seconds)
 
 Phases, each through the load harness (`promptserve loadtest`, JSON reports): capacity (closed loop at
 2x the batch size: completed requests/s), baseline (open loop at 0.5x capacity), overload (open loop at
-`--factor` x capacity for `--overload-s`), after (the baseline again). Meanwhile a sampler polls the
-server process's RSS, /metrics (queue depth) and sends one probe request per second to record 429s and
-their Retry-After header. Prints status counts, peak queue, RSS after warm-up, baseline vs after latency.
+`--factor` x capacity for `--overload-s`), after (the baseline again); the others last --phase-s each.
+Meanwhile a sampler polls the server process's RSS, /metrics (queue depth) and sends one probe request per
+second to record 429s and their Retry-After header. Prints status counts, peak queue, RSS after warm-up,
+baseline vs after latency.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +29,9 @@ from pathlib import Path
 import httpx
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import ServerProcess, free_port, promptserve_command
+
 
 @dataclass
 class Samples:
@@ -40,31 +43,24 @@ class Samples:
     retry_after: set[str] = field(default_factory=set)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_server(batch: int, queue: int, workdir: Path, model: Path | None = None) -> ServerProcess:
+    """`promptserve serve` on CPU of `model`, by default the demo-sized tiny llama (built in `workdir`),
+    ready; its log is workdir/server.log."""
+    if model is None:
+        from server.demo import build_model_folder
 
-
-def start_server(args, workdir: Path) -> tuple[subprocess.Popen, str]:
-    from server.demo import build_model_folder
-
-    model = build_model_folder(workdir / "model", family="llama")
+        model = build_model_folder(workdir / "model", family="llama")
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--store", str(workdir / "prompts"),
-           "--port", str(port), "--device", "cpu", "--max-batch-size", str(args.batch), "--max-queue",
-           str(args.queue), "--log-level", "warning"]
-    with open(workdir / "server.err", "w") as err:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise SystemExit("server did not become ready")
+    cmd = promptserve_command("--model", str(model), "--store", str(workdir / "prompts"), "--port", str(port),
+                              "--device", "cpu", "--max-batch-size", str(batch), "--max-queue", str(queue),
+                              "--log-level", "warning")
+    server = ServerProcess("server", cmd, workdir / "server.log", port)
+    try:
+        server.wait_ready(120)
+    except RuntimeError as exc:
+        server.stop()
+        raise SystemExit(str(exc)) from None
+    return server
 
 
 def loadtest(url: str, out: Path, *load: str, new_tokens: int, tasks: str) -> dict:
@@ -113,15 +109,16 @@ def main() -> int:
     p.add_argument("--factor", type=float, default=1.5)
     p.add_argument("--overload-s", type=float, default=60)
     p.add_argument("--warmup-s", type=float, default=15, help="RSS is judged after this much of the overload")
+    p.add_argument("--phase-s", type=float, default=20, help="seconds of the capacity, baseline and after phases")
+    p.add_argument("--model-dir", type=Path, default=None, help="model folder (default: a tiny llama, built)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        proc, url = start_server(args, work)
+        server = start_server(args.batch, args.queue, work, args.model_dir)
         try:
-            return run(args, work, proc, url)
+            return run(args, work, server.proc, server.url)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            print(f"server exit status after SIGTERM: {proc.wait(60)}")
+            print(f"server exit status after SIGTERM: {server.stop(grace_s=60)}")
 
 
 def run(args, work: Path, proc: subprocess.Popen, url: str) -> int:
@@ -130,11 +127,12 @@ def run(args, work: Path, proc: subprocess.Popen, url: str) -> int:
         httpx.put(f"{url}/v1/tasks/{t}", json={"init": "random", "num_virtual_tokens": 4 + 4 * i, "seed": i})
     common = {"new_tokens": args.new_tokens, "tasks": ",".join(tasks)}
     print(f"load average at start (other processes share these cores): {os.getloadavg()[0]:.1f}")
-    cap = loadtest(url, work / "cap.json", "--concurrency", str(2 * args.batch), "--duration", "20", **common)
+    cap = loadtest(url, work / "cap.json", "--concurrency", str(2 * args.batch), "--duration", f"{args.phase_s:g}",
+                   **common)
     capacity = cap["num_ok"] / cap["wall_s"]
     print(f"capacity: {capacity:.2f} requests/s ({cap['tokens_per_s']:.1f} tokens/s), closed loop at "
           f"concurrency {2 * args.batch}, {args.new_tokens} new tokens each, statuses {cap['by_status']}")
-    light = ("--rate", f"{0.5 * capacity:.3f}", "--duration", "20")
+    light = ("--rate", f"{0.5 * capacity:.3f}", "--duration", f"{args.phase_s:g}")
     before = loadtest(url, work / "before.json", *light, **common)
     samples, stop = Samples(), threading.Event()
     sampler = threading.Thread(target=sample, args=(url, proc.pid, stop, samples, tasks))

@@ -11,18 +11,14 @@ import io
 import json
 import os
 import shlex
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import torch
+from servers import ServerProcess, free_port, group_cpu_seconds, promptserve_command
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, MAX_POSITIONS = 512, 8, 8, 1376, 2048
 INIT_STD = 0.2  # wide enough that greedy choices are not ties (as tests/engine/conftest.py)
@@ -85,40 +81,18 @@ def write_tasks(store: Path, prefix: str, num_tasks: int, num_virtual: int, seed
     return prompts
 
 
+def hidden_size(model_dir: Path) -> int:
+    """The hidden size a model folder's config declares (its tasks' rows must match it)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return int(config.get("hidden_size") or config["n_embd"])
+
+
 def input_embeddings(model_dir: Path) -> torch.Tensor:
     """The model's input embedding matrix [vocab, HIDDEN], float32, read from its safetensors file."""
     from safetensors import safe_open
 
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         return f.get_tensor("model.embed_tokens.weight").to(torch.float32)
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _group_stats(pgid: int) -> list[list[str]]:
-    """/proc stat fields (after "(comm)") of the live, non-zombie processes of a process group."""
-    stats = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state ppid pgrp ... utime(11) stime(12)
-            stats.append(fields)
-    return stats
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in a process group (children included)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    return sum(int(f[11]) + int(f[12]) for f in _group_stats(pgid)) / tick
 
 
 def machine_cpu_seconds() -> float:
@@ -136,75 +110,15 @@ def cpu_shares(servers: list[ServerProcess], seconds: float) -> tuple[list[float
     return [(b - a) / seconds for a, b in zip(before, after)], (machine_cpu_seconds() - machine) / seconds
 
 
-class ServerProcess:
-    """A server in its own process group, its output in a log file; stop() ends the whole group."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path, port: int, ready: str) -> None:
-        self.name, self.cmd, self.log = name, cmd, log
-        self.url = f"http://127.0.0.1:{port}"
-        self.ready_url = f"{self.url}{ready}"
-        self.started = time.perf_counter()
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout_s: float) -> float:
-        """Seconds until ready_url answers 200; RuntimeError (with the log's tail) if it dies or times out."""
-        deadline = self.started + timeout_s
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                if httpx.get(self.ready_url, timeout=2).status_code == 200:
-                    return time.perf_counter() - self.started
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s: {self.log_tail()}")
-
-    def log_tail(self, num_lines: int = 8) -> str:
-        """The last lines of the server's log, on one line each."""
-        lines = self.log.read_text(errors="replace").splitlines()[-num_lines:]
-        return " | ".join(line.strip()[:200] for line in lines)
-
-    def stop(self) -> None:
-        """SIGTERM to the whole group, SIGKILL to what is left after 15 s; safe to call twice."""
-        for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            if self.is_gone():
-                return
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.perf_counter() + wait_s
-            while time.perf_counter() < deadline and not self.is_gone():
-                time.sleep(0.2)
-
-    @contextmanager
-    def paused(self):
-        """SIGSTOP the whole group for the block, SIGCONT after. An idle server is not idle to its neighbour:
-        vLLM's idle processes wake about 1,300 times a second (0.5 % of a core), and each wake-up preempts
-        one of the other server's OpenMP threads, which stalls the parallel region it is in."""
-        os.killpg(self.proc.pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            os.killpg(self.proc.pid, signal.SIGCONT)
-
-    def is_gone(self) -> bool:
-        """Whether the server and every process it started have exited."""
-        return self.proc.poll() is not None and not _group_stats(self.proc.pid)
-
-
 def start_promptserve(model_dir: Path, store: Path, dtype: str, device: str, extra: str, log: Path,
                       tcmalloc: str | None = None) -> ServerProcess:
     """`promptserve serve` on a free port (same interpreter as this script), preloading `tcmalloc` when
     given (as vLLM's side does; without it the server still takes the system's, if any)."""
     port = free_port()
-    exe = Path(sys.executable).with_name("promptserve")
-    cmd = [str(exe), "serve", "--model", str(model_dir), "--store", str(store), "--port", str(port),
-           "--dtype", dtype, "--device", device, "--log-level", "warning", *shlex.split(extra)]
+    cmd = promptserve_command("--model", str(model_dir), "--store", str(store), "--port", str(port), "--dtype",
+                              dtype, "--device", device, "--log-level", "warning", *shlex.split(extra))
     env = {**os.environ, **({"PROMPTSERVE_TCMALLOC": tcmalloc} if tcmalloc else {})}
-    return ServerProcess("promptserve", cmd, env, log, port, "/ready")
+    return ServerProcess("promptserve", cmd, log, port, env=env)
 
 
 def vllm_env(python: str, tcmalloc: str | None, device: str, kv_gib: int | None = None) -> dict[str, str]:
@@ -228,7 +142,7 @@ def start_vllm(python: str, tcmalloc: str | None, model_dir: Path, dtype: str, d
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name",
            "peer", "--port", str(port), "--host", "127.0.0.1", "--enable-prompt-embeds", "--enable-prefix-caching",
            "--block-size", "32", "--dtype", dtype, "--max-model-len", str(max_len), *shlex.split(extra)]
-    return ServerProcess("vllm", cmd, vllm_env(python, tcmalloc, device, kv_gib), log, port, "/health")
+    return ServerProcess("vllm", cmd, log, port, ready="/health", env=vllm_env(python, tcmalloc, device, kv_gib))
 
 
 async def sse_events(client: httpx.AsyncClient, url: str, body: dict, reply: Reply) -> AsyncIterator[dict]:
@@ -255,14 +169,15 @@ class PromptserveSide:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def _body(self, req: Request) -> dict:
+    def body(self, req: Request) -> dict:
+        """The TGI request body of `req` (greedy, exactly max_new tokens, with details)."""
         params = {"max_new_tokens": req.max_new, "ignore_eos_token": True, "details": True}
         return {"task_id": req.task_id, "inputs": req.text, "parameters": params}
 
     async def generate(self, client: httpx.AsyncClient, req: Request) -> Reply:
         """One whole completion."""
         sent = time.perf_counter()
-        r = await client.post(f"{self.url}/generate", json=self._body(req))
+        r = await client.post(f"{self.url}/generate", json=self.body(req))
         if r.status_code != 200:
             return Reply([], sent, error=f"HTTP {r.status_code}: {r.text[:200]}")
         details = r.json()["details"]
@@ -273,7 +188,7 @@ class PromptserveSide:
     async def stream(self, client: httpx.AsyncClient, req: Request) -> Reply:
         """One streamed completion: an arrival time per token event."""
         reply = Reply([], time.perf_counter())
-        async for event in sse_events(client, f"{self.url}/generate_stream", self._body(req), reply):
+        async for event in sse_events(client, f"{self.url}/generate_stream", self.body(req), reply):
             if "error" in event:
                 reply.error = str(event["error"])[:200]
                 break

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,11 +13,6 @@ from pathlib import Path
 import peer_servers as ps
 import peer_suites
 from peer_load import clients_loop, figures, summary_row, wait_quiet
-
-
-def _hidden(model_dir: Path) -> int:
-    config = json.loads((model_dir / "config.json").read_text())
-    return int(config.get("hidden_size") or config["n_embd"])
 
 
 def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, dict, dict]:
@@ -30,7 +24,8 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, dict, dict]:
     model_dir = args.model_dir or ps.build_model_dir(work / f"model-{args.max_positions}", args.max_positions)
     prompts = {}
     for i, (prefix, num_tasks, num_virtual) in enumerate(peer_suites.tasks_of(args.suite)):
-        prompts.update(ps.write_tasks(work / "store", prefix, num_tasks, num_virtual, 200 + i, _hidden(model_dir)))
+        prompts.update(ps.write_tasks(work / "store", prefix, num_tasks, num_virtual, 200 + i,
+                                      ps.hidden_size(model_dir)))
     texts = peer_suites.Texts(AutoTokenizer.from_pretrained(model_dir), demo_corpus().split(), random.Random(args.seed))
     requests = {(cell.name, key): peer_suites.requests(cell, texts, args.long_tokens)
                 for key in ("warm", *range(args.rounds)) for cell in peer_suites.cells(args.suite)}
@@ -56,9 +51,10 @@ def start(args: argparse.Namespace, dtype: str, model_dir: Path, work: Path, pro
     return servers, sides
 
 
-def measure(servers: dict, side, cell: peer_suites.Cell, reqs: list[ps.Request]) -> tuple[dict, list[ps.Reply]]:
+def measure(servers: dict, side, cell: peer_suites.Cell, reqs: list[ps.Request],
+            quiet_timeout_s: float) -> tuple[dict, list[ps.Reply]]:
     """One load on one side while the other servers are paused (P5-chat: its turns one after the other)."""
-    wait_quiet(list(servers.values()))
+    wait_quiet(list(servers.values()), quiet_timeout_s)
     replies, wall = [], 0.0
     per_turn = len(reqs) // cell.turns
     with ExitStack() as others:
@@ -81,12 +77,14 @@ def run_suite(args: argparse.Namespace, dtype: str, work: Path) -> dict:
         cells = peer_suites.cells(args.suite)
         for side in sides.values():  # warm-up: first-call paths, compiled graphs
             for cell in cells:
-                measure(servers, side, cell, requests[(cell.name, "warm")][:max(4, cell.turns)])
+                measure(servers, side, cell, requests[(cell.name, "warm")][:max(4, cell.turns)],
+                        args.quiet_timeout_s)
         for round_no in range(args.rounds):
             for cell in cells:
                 order = list(sides.values()) if round_no % 2 == 0 else list(sides.values())[::-1]
                 for side in order:
-                    fig, replies = measure(servers, side, cell, requests[(cell.name, round_no)])
+                    fig, replies = measure(servers, side, cell, requests[(cell.name, round_no)],
+                                           args.quiet_timeout_s)
                     rounds.setdefault((cell.name, side.name), []).append(fig)
                     outputs.setdefault((cell.name, side.name), [r.ids for r in replies])
                     ttft = f", TTFT p50 {fig['ttft_p50']:.0f} ms" if "ttft_p50" in fig else ""

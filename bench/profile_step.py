@@ -9,7 +9,7 @@ is in the round's figures too). Tokens are random ids of the workload's lengths,
 tasks random prompts in a temporary store.
 
 Run: python bench/profile_step.py [--workload P1|P2|free|free-bare] [--dtype float32|bfloat16] [--rounds 3]
-     [--profile]
+     [--profile] [--eager] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -44,25 +44,27 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table of one decode step")
     p.add_argument("--model-dir", type=Path, default=None, help="bench_peer's model folder (built if missing)")
+    p.add_argument("--eager", action="store_true", help="the step without torch.compile (as --no-compile)")
     return p.parse_args()
 
 
 class StepLog:
-    """Wraps the runner's forward: (seconds, decoding rows, prompt tokens) per step; profiles the first
-    decode-only step of `profile_rows` rows."""
+    """Wraps the runner's forward (Engine.runner): (seconds, decoding rows, prompt tokens) per step; profiles
+    the first decode-only step of `profile_rows` rows (None: none)."""
 
     def __init__(self, runner, profile_rows: int | None):
         self.steps: list[tuple[float, int, int]] = []
         self.table: str | None = None
-        self._forward, self._profile_rows = runner.forward, profile_rows
+        self.profile_rows = profile_rows
+        self._forward = runner.forward
         runner.forward = self.forward
 
     def forward(self, chunks):
         num_decode = sum(c.is_decode for c in chunks)
         num_prompt = sum(c.num_tokens for c in chunks if not c.is_decode)
         started = time.perf_counter()
-        if self._profile_rows is not None and num_prompt == 0 and num_decode == self._profile_rows:
-            self._profile_rows = None  # one step: the profiler slows the steps it watches
+        if self.profile_rows is not None and num_prompt == 0 and num_decode == self.profile_rows:
+            self.profile_rows = None  # one step: the profiler slows the steps it watches
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 logits = self._forward(chunks)
             self.table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
@@ -90,9 +92,9 @@ def main() -> None:
     gen, tasks = torch.Generator().manual_seed(1), [f"t{i}" for i in range(w.num_tasks)]
     for task in tasks:
         store.put(task, torch.randn(w.num_virtual, loaded.hidden_size, generator=gen), task_type=loaded.task_type)
-    engine = Engine(loaded, store, EngineConfig(compile=True))
+    engine = Engine(loaded, store, EngineConfig(compile=not args.eager))
     print(f"{w.name}, {args.dtype}: warm-up (compile) {engine.warm_up():.0f} s", flush=True)
-    log = StepLog(engine._worker.runner, None)  # noqa: SLF001 - a benchmark's driver
+    log = StepLog(engine.runner, None)
     engine.start()
     rng = random.Random(0)
 
@@ -108,7 +110,7 @@ def main() -> None:
     asyncio.run(one_round())
     for round_no in range(args.rounds):
         log.steps.clear()
-        log._profile_rows = w.num_requests if args.profile and round_no == args.rounds - 1 else None  # noqa: SLF001
+        log.profile_rows = w.num_requests if args.profile and round_no == args.rounds - 1 else None
         started = time.perf_counter()
         tokens = asyncio.run(one_round())
         wall = time.perf_counter() - started

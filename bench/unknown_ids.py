@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 import tempfile
 import time
@@ -45,18 +44,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-ids", type=int, default=100_000)
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--model-dir", type=Path, default=None, help="model folder (default: overload.py's tiny llama)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(argparse.Namespace(batch=8, queue=256), Path(tmp))
-        print(f"server log: {tmp}/server.err (kept until the end)", flush=True)
+        server = start_server(8, 256, Path(tmp), args.model_dir)
+        url = server.url
+        print(f"server log: {server.log} (kept until the end)", flush=True)
         try:
-            server = psutil.Process(proc.pid)
+            process = psutil.Process(server.proc.pid)
             statuses: dict[object, int] = {}
             step = args.num_ids // 10
             started = time.monotonic()
             for k in range(10):
                 asyncio.run(ask(url, range(k * step, (k + 1) * step), args.concurrency, statuses))
-                print(f"{(k + 1) * step:>7} ids: server RSS {server.memory_info().rss / (1 << 20):.1f} MiB, "
+                print(f"{(k + 1) * step:>7} ids: server RSS {process.memory_info().rss / (1 << 20):.1f} MiB, "
                       f"{time.monotonic() - started:.0f} s", flush=True)
             metrics = httpx.get(url + "/metrics").text
             labels = sum(1 for line in metrics.splitlines() if line.startswith("promptserve_task_requests_total{"))
@@ -64,11 +65,10 @@ def main() -> int:
                      and ("entries" in line or "not_found" in line) and not line.startswith("#")]
             print(f"statuses {statuses}; task labels in /metrics: {labels}; " + "; ".join(store))
             if set(statuses) != {404}:
-                print((Path(tmp) / "server.err").read_text()[-4000:])
+                print(server.log.read_text()[-4000:])
             return 0 if set(statuses) == {404} else 1
         finally:
-            proc.send_signal(signal.SIGTERM)
-            print(f"server exit status after SIGTERM: {proc.wait(60)}")
+            print(f"server exit status after SIGTERM: {server.stop(grace_s=60)}")
 
 
 if __name__ == "__main__":

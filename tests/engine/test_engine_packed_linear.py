@@ -94,3 +94,21 @@ def test_row_counts_share_a_few_buckets():
     """oneDNN keeps a primitive per row count: the packed product sees at most 14 per weight."""
     buckets = {packed_linear.row_bucket(n) for n in range(1, packed_linear.MAX_PACKED_ROWS + 1)}
     assert len(buckets) == 14 and all(packed_linear.row_bucket(n) >= n for n in range(1, 257))
+
+
+def test_large_float32_weights_take_the_packed_product_from_three_rows(monkeypatch):
+    """An output layer of a real vocabulary is streamed faster packed from a few rows on (measured: 4 rows of
+    SmolLM2's 49152 x 576 head, 35 ms plain, 19 ms packed); small weights keep the plain product to 16."""
+    model = _model(torch.float32)
+    x = torch.randn(1, 4, 64)
+    want = model(x).detach()
+    packed_linear.pack(model)
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or original(*a))
+    with torch.inference_mode():
+        model(x)
+        assert not calls  # 64 x 96 is small: plain below 16 rows
+        monkeypatch.setattr(packed_linear, "LARGE_WEIGHT", 64 * 64)
+        got = model(x)
+    assert len(calls) == 2 and _relative_error(got, want) <= TOLERANCE[torch.float32]

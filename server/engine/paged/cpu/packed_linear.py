@@ -19,8 +19,13 @@ from torch import nn
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_FREE_FRACTION = 0.5  # the packed copies may take at most this share of the free memory (KV comes after)
-# float32 rows below which the plain product is faster than the packed one (measured: equal at ~16).
+# float32 rows below which the plain product is faster than the packed one (measured on the 8x512 model's
+# weights, up to 2048 x 512: equal at ~16). Large weights differ: with 4 to 8 rows, aten::linear streamed
+# SmolLM2's 49152 x 576 output layer (113 MB) at a third of the packed product's speed (35 against 19 ms
+# at 4 rows), which made 4 rows at a time its slowest grid column; with 1 or 2 rows both were equal.
 MIN_FLOAT32_ROWS = 16
+LARGE_WEIGHT = 4 * 1024 * 1024  # elements: from here, packed from MIN_FLOAT32_ROWS_LARGE rows
+MIN_FLOAT32_ROWS_LARGE = 3
 # oneDNN builds and caches a primitive per row count, with buffers sized for it: about 0.6 MiB each, and
 # up to its cache's 1,024 entries (measured: random row counts up to 1,300 grew a process by 750 MiB, and
 # a server by 50 MiB per 1,000 requests). Row counts are therefore rounded up to a few buckets (multiples
@@ -84,7 +89,7 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, through the packed weight where that is the faster one."""
     num_rows = x.numel() // x.shape[-1]
-    if num_rows > MAX_PACKED_ROWS or (x.dtype == torch.float32 and num_rows < MIN_FLOAT32_ROWS):
+    if num_rows > MAX_PACKED_ROWS or (x.dtype == torch.float32 and num_rows < _min_float32_rows(weight)):
         return F.linear(x, weight, bias)
     bucket = row_bucket(num_rows)
     rows = x.reshape(num_rows, x.shape[-1])
@@ -92,6 +97,10 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
         rows = F.pad(rows, (0, 0, 0, bucket - num_rows))
     out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
     return out[:num_rows].reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _min_float32_rows(weight: torch.Tensor) -> int:
+    return MIN_FLOAT32_ROWS_LARGE if weight.numel() >= LARGE_WEIGHT else MIN_FLOAT32_ROWS
 
 
 def row_bucket(num_rows: int) -> int:
