@@ -52,6 +52,7 @@ class Engine:
         self._stop_now = False
         self._thread: threading.Thread | None = None
         self._side_work: Any = None  # set_side_work(): training slices between steps
+        self.burst_wait: Callable[[float], None] = time.sleep  # test hook: how _gather_burst waits
 
     def _make_worker(self, release: Callable[[Any], None]) -> Worker | PagedWorker:
         """The paged path's worker when the model can run on it (see paged/open.py), else the DynamicCache
@@ -162,6 +163,7 @@ class Engine:
         with self._wake:
             self._stop_now = True
             self._wake.notify_all()
+        self.fault_injector.release_all()  # a step a test held must end for the thread to stop
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -259,7 +261,7 @@ class Engine:
             num_seen = self._scheduler.num_waiting
             if self.config.burst_wait_s <= 0 or num_seen >= self.config.max_batch_size:
                 return
-            time.sleep(self.config.burst_wait_s)
+            self.burst_wait(self.config.burst_wait_s)
             if self._scheduler.num_waiting == num_seen:
                 return
 

@@ -66,6 +66,14 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def held(engine, *request_ids: str) -> str:
+    """Until the engine's worker waits inside a step that the fault injector holds for one of `request_ids`
+    (each armed with `engine.fault_injector.hold`); returns which one."""
+    request_id = await asyncio.to_thread(engine.fault_injector.wait_any_held, list(request_ids))
+    assert request_id is not None, f"no step of {request_ids} was ever held"
+    return request_id
+
+
 def serve(model_dir: Path, store_dir: Path, config, client, dtype: str = "float32"):
     """Load the model, warm up and start an engine on the store, run `await client(engine)`, stop it;
     returns (engine, what the client returned)."""

@@ -16,7 +16,7 @@ from server.engine.engine import Engine
 from server.engine.errors import InputTooLong
 from server.engine.model_loader import load_model
 from server.engine.types import SamplingParams
-from tests.engine.conftest import run, write_peft_adapters
+from tests.engine.conftest import held, run, write_peft_adapters
 from tests.engine.test_engine_parity import PeftReferee
 
 TASKS = {"x": 5, "y": 3, "z": 8}
@@ -56,30 +56,21 @@ def greedy(n: int, ignore_eos: bool = False) -> SamplingParams:
 
 class Hold:
     """Holds the worker inside a step while the body submits, so that all those requests are queued before
-    any is admitted: a bare one-token request whose logits tap waits (other rows go to the previous tap)."""
+    any is admitted: a bare one-token request `hold` whose step the fault injector keeps waiting (before
+    its forward) until the body is done."""
 
     def __init__(self, engine: Engine):
-        self.engine, self._tap = engine, engine.logits_tap
-        self.entered, self.released, self.timed_out = threading.Event(), threading.Event(), False
-        engine.logits_tap = self._on_logits
-
-    def _on_logits(self, request_id: str, index: int, logits) -> None:
-        if request_id == "hold":
-            self.entered.set()
-            self.timed_out = not self.released.wait(10)
-        elif self._tap is not None:
-            self._tap(request_id, index, logits)
+        self.engine, self.faults = engine, engine.fault_injector
 
     async def __aenter__(self) -> Hold:
+        self.faults.hold("hold")
         self._stream = await self.engine.submit("Hi", task_id=None, params=greedy(1), request_id="hold")
-        assert await asyncio.to_thread(self.entered.wait, 10)
+        await held(self.engine, "hold")
         return self
 
     async def __aexit__(self, *exc_info) -> None:
-        self.released.set()
+        self.faults.release("hold")
         await self._stream.result()
-        self.engine.logits_tap = self._tap
-        assert not self.timed_out
 
 
 async def _tokens(engine: Engine, text: str, task: str | None, params: SamplingParams) -> list[int]:
@@ -192,10 +183,10 @@ def test_with_nothing_to_share_requests_of_a_task_start_together(make_engine, co
     first_steps: dict[str, int] = {}
 
     def first_step(request_id: str, index: int, logits) -> None:  # worker thread
-        if index == 0:
+        if index == 0 and request_id != "hold":  # Hold's own request is none of the four
             first_steps[request_id] = engine.stats().num_steps
 
-    engine.logits_tap = first_step  # Hold passes the other rows on to it
+    engine.logits_tap = first_step
 
     async def go():
         async with Hold(engine):
@@ -227,22 +218,54 @@ def test_a_deleted_task_stays_forgotten_when_a_request_in_flight_computes_it(set
     assert engine.stats().kv.num_blocks_cached == 0  # its blocks were not registered for sharing
 
 
+class BurstWaits:
+    """Stands in for the worker's wait for more of a burst (`Engine.burst_wait`): each wait lasts until the
+    test ends it, so a request the test sends before ending it arrives inside that wait by construction."""
+
+    def __init__(self, engine: Engine):
+        self._began, self._ended, self._is_open = threading.Semaphore(0), threading.Semaphore(0), threading.Event()
+        engine.burst_wait = self._wait
+
+    def _wait(self, seconds: float) -> None:  # worker thread
+        if not self._is_open.is_set():
+            self._began.release()
+            self._ended.acquire(timeout=60)
+
+    async def began(self) -> None:
+        """Until the worker is inside its next wait (it has seen every request sent before)."""
+        assert await asyncio.to_thread(self._began.acquire, True, 60), "the worker never waited for a burst"
+
+    def end(self) -> None:
+        """End the wait under way (it sees what arrived in it)."""
+        self._ended.release()
+
+    def open(self) -> None:
+        """Nothing more arrives: the wait under way, and any later one, ends at once."""
+        self._is_open.set()
+        self._ended.release()
+
+
 def test_a_burst_arriving_at_an_idle_engine_starts_in_one_step(make_engine):
-    # Requests 30 ms apart (well inside the 300 ms burst wait) with prompts far longer than the 4-token
-    # chunk: gathered, and prefilled in one step (no row decodes yet), they need 1 + 2 steps for 3 tokens.
+    # Each request arrives inside the worker's burst wait after the one before (held open by BurstWaits,
+    # as a 300 ms wait holds requests 30 ms apart), with prompts far longer than the 4-token chunk: gathered,
+    # and prefilled in one step (no row decodes yet), they need 1 + 2 steps for 3 tokens.
     engine = make_engine(burst_wait_s=0.3, prefill_chunk_tokens=4)
+    waits = BurstWaits(engine)
 
     async def burst():
         streams = []
         for i, task in enumerate(["x", "y", "z", None]):
             streams.append(await engine.submit(TEXTS[2 * i + 1], task_id=task, params=greedy(3, ignore_eos=True)))
-            await asyncio.sleep(0.03)
+            if i:
+                waits.end()  # the wait under way saw this request arrive
+            if i < 3:
+                await waits.began()  # the worker waits for more, having seen this one
+        waits.open()
         return [await s.result() for s in streams]
 
     results = run(burst())
     assert [r.generated_tokens for r in results] == [3, 3, 3, 3]
     assert engine.stats().num_steps == 3
-
 
 
 def test_with_a_stall_ratio_prefill_chunks_shrink_while_rows_decode(make_engine):

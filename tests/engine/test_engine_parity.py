@@ -7,7 +7,6 @@ and in SDPA."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import pytest
@@ -18,7 +17,7 @@ from server.engine.paged.cpu import native_decode
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.types import SamplingParams
-from tests.engine.conftest import FAMILIES, serve, write_peft_adapters
+from tests.engine.conftest import FAMILIES, held, serve, write_peft_adapters
 
 NUM_VIRTUAL = {"alpha": 1, "beta": 4, "gamma": 7, "delta": 12}
 LOGIT_TOL = 1e-4
@@ -50,17 +49,20 @@ async def _engine_outputs(engine: Engine) -> tuple[list[list[int]], dict]:
     engine.logits_tap = lambda rid, k, logits: taps.__setitem__((rid, k), logits)
     streams: dict[int, object] = {}
     running_at_arrival = []
+    holding: list[str] = []  # the previous wave's requests
     for wave in range(4):
+        if holding:  # that wave has decoded a couple of steps, and the worker waits inside a step of it
+            await held(engine, *holding)
         running_at_arrival.append(sum(not s.done for s in streams.values()))
         for i, r in enumerate(REQUESTS):
             if r.wave == wave:
+                if wave < 3:  # its second decode step waits until the next wave has arrived
+                    engine.fault_injector.hold(f"r{i}", phase="decode", after=1)
                 params = SamplingParams(max_new_tokens=r.max_new_tokens)
                 streams[i] = await engine.submit(r.text, task_id=r.task_id, params=params, request_id=f"r{i}")
-        # Let the running requests decode a couple of steps before the next wave arrives.
-        first_running = next(iter(s for s in streams.values() if not s.done), None)
-        if first_running is not None:
-            await asyncio.wait_for(first_running.__anext__(), 30)
-            await asyncio.wait_for(first_running.__anext__(), 30)
+        for request_id in holding:
+            engine.fault_injector.release(request_id)
+        holding = [f"r{i}" for i, r in enumerate(REQUESTS) if r.wave == wave and wave < 3]
     results = [await streams[i].result() for i in range(len(REQUESTS))]
     return [r.token_ids for r in results], {"taps": taps, "results": results, "running": running_at_arrival}
 

@@ -5,7 +5,6 @@ tokens in float32, and in float64 the same logits at every step, up to rounding.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from server.engine.errors import IncompatibleTask, RequestFailed
 from server.engine.hf_cache.batch import EncoderState
 from server.engine.model_loader import load_model
 from server.engine.types import SamplingParams
-from tests.engine.conftest import SEQ2SEQ_FAMILIES, run, write_peft_adapters
+from tests.engine.conftest import SEQ2SEQ_FAMILIES, held, run, write_peft_adapters
 
 NUM_VIRTUAL = {"alpha": 1, "beta": 4, "gamma": 7, "delta": 12}
 # Logits are compared in float64 (engine and PEFT), relative to the largest logit (~100 here). Batching
@@ -97,16 +96,20 @@ async def _engine_outputs(engine: Engine) -> tuple[list, list[int]]:
     """Token ids (or the RequestFailed) of every request; how many were running when each wave arrived."""
     streams: dict[int, object] = {}
     running_at_arrival = []
+    holding: list[str] = []  # the previous wave's requests
     for wave in range(3):
+        if holding:  # that wave has decoded a couple of steps, and the worker waits inside a step of it
+            await held(engine, *holding)
         running_at_arrival.append(sum(not s.done for s in streams.values()))
         for i, (task_id, text, max_new, w) in enumerate(REQUESTS):
             if w == wave:
+                if wave < 2:  # its second decode step waits until the next wave has arrived
+                    engine.fault_injector.hold(f"r{i}", phase="decode", after=1)
                 streams[i] = await engine.submit(text, task_id=task_id, request_id=f"r{i}",
                                                  params=SamplingParams(max_new_tokens=max_new))
-        first_running = next(iter(s for s in streams.values() if not s.done), None)
-        if first_running is not None:  # let the running rows decode a couple of steps first
-            await asyncio.wait_for(first_running.__anext__(), 30)
-            await asyncio.wait_for(first_running.__anext__(), 30)
+        for request_id in holding:
+            engine.fault_injector.release(request_id)
+        holding = [f"r{i}" for i, (_, _, _, w) in enumerate(REQUESTS) if w == wave and wave < 2]
     outputs: list = []
     for i in range(len(REQUESTS)):
         try:

@@ -3,7 +3,9 @@ typed errors at submit, shutdown; every pinned prompt is released whatever the e
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import pytest
 
@@ -14,7 +16,7 @@ from server.engine.engine import Engine
 from server.engine.errors import EngineStopped, IncompatibleTask, InputTooLong, InvalidRequest, QueueFull, RequestFailed
 from server.engine.model_loader import load_model
 from server.engine.types import FINISH_CANCELLED, SamplingParams
-from tests.engine.conftest import run, write_peft_adapters
+from tests.engine.conftest import held, run, write_peft_adapters
 
 TASKS = {"t1": 2, "t2": 5, "t3": 9}
 SAMPLED = SamplingParams(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=40, top_p=0.95, seed=1234,
@@ -67,14 +69,31 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
+async def until_monotonic(deadline: float) -> None:
+    """Until time.monotonic() (the engine's clock for queue times) has passed `deadline`."""
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(left)
+
+
 def test_short_request_finishes_first_and_slots_are_freed(make_engine):
     engine = make_engine(max_batch_size=2)
 
     async def go():
-        long = await engine.submit("The river runs", task_id="t1", params=greedy(120))
+        faults = engine.fault_injector
+        faults.hold("long", phase="decode")  # short1 arrives in its first decode step
+        long = await engine.submit("The river runs", task_id="t1", params=greedy(120), request_id="long")
         await long.__anext__()  # the long one is decoding
-        short1 = await engine.submit("Hi", task_id="t2", params=greedy(3))
+        sent1 = time.monotonic()
+        short1 = await engine.submit("Hi", task_id="t2", params=greedy(3), request_id="short1")
+        faults.hold("short1", phase="decode")  # short2 arrives in short1's first decode step
+        faults.release("long")
+        await held(engine, "short1")
+        short1_queued_at_most = time.monotonic() - sent1  # it was admitted before this step
         short2 = await engine.submit("Hello", task_id="t3", params=greedy(3))  # waits: batch of 2 is full
+        # short2 waits in the queue for short1's row; the queue times compared below are wall-clock times,
+        # so short1 (holding the row) goes on only once short2 has queued longer than short1 did.
+        await until_monotonic(time.monotonic() + short1_queued_at_most)
+        faults.release("short1")
         r1, r2 = await short1.result(), await short2.result()
         assert not long.done  # both short ones overtook the long one
         assert r2.timings.queue_s > r1.timings.queue_s  # short2 got short1's slot when it left
@@ -113,13 +132,15 @@ def test_seeded_sampling_is_independent_of_batch_mates(make_engine):
         return (await (await engine.submit("A story", task_id="t3", params=SAMPLED)).result()).token_ids
 
     async def crowded():
-        mates = [await engine.submit("The bread", task_id="t1", params=greedy(30))]
+        engine.fault_injector.hold("mate", phase="decode")  # the others arrive in its first decode step
+        mates = [await engine.submit("The bread", task_id="t1", params=greedy(30), request_id="mate")]
         await mates[0].__anext__()
         mates.append(await engine.submit("One two three four five", task_id=None,
                                          params=SamplingParams(max_new_tokens=20, do_sample=True, seed=7)))
         target = await engine.submit("A story", task_id="t3", params=SAMPLED)
         mates.append(await engine.submit("x", task_id="t2", params=SamplingParams(
             max_new_tokens=9, do_sample=True, temperature=1.3, repetition_penalty=1.2)))
+        engine.fault_injector.release("mate")
         tokens = (await target.result()).token_ids
         for mate in mates:
             await mate.result()
@@ -141,10 +162,12 @@ def test_cancel_removes_request_at_next_step(make_engine):
     engine = make_engine()
 
     async def go():
-        stream = await engine.submit("The river", task_id="t1", params=greedy(200))
+        engine.fault_injector.hold("stream", phase="decode")  # cancelled in its first decode step
+        stream = await engine.submit("The river", task_id="t1", params=greedy(200), request_id="stream")
         other = await engine.submit("The bread", task_id="t2", params=greedy(30))
         await stream.__anext__()
         stream.cancel()
+        engine.fault_injector.release("stream")
         result = await stream.result()
         return result, await other.result()
 
@@ -216,9 +239,11 @@ def test_failed_request_raises_while_streaming(make_engine):
     engine = make_engine()
 
     async def go():
+        engine.fault_injector.hold("x", phase="decode")  # the failure is armed in its first decode step
         stream = await engine.submit("Hi", task_id="t1", params=greedy(20), request_id="x")
         await stream.__anext__()
         engine.fault_injector.fail_request("x", phase="decode")
+        engine.fault_injector.release("x")
         with pytest.raises(RequestFailed):
             async for _ in stream:
                 pass
@@ -254,12 +279,14 @@ def test_submit_errors_are_typed_and_immediate(make_engine):
         for error, kwargs in cases:
             with pytest.raises(error):
                 await engine.submit(**kwargs)
-        running = await engine.submit("Hi", task_id="t1", params=greedy(40 - 3 - 2))
+        engine.fault_injector.hold("running", phase="decode")  # it keeps its row while the others arrive
+        running = await engine.submit("Hi", task_id="t1", params=greedy(40 - 3 - 2), request_id="running")
         await running.__anext__()
         waiting = await engine.submit("Hi", task_id="t2", params=greedy(2))  # batch of 1 is full: it queues
         with pytest.raises(QueueFull):
             await engine.submit("Hi", task_id="t3", params=greedy(2))
         running.cancel()
+        engine.fault_injector.release("running")
         await waiting.result()
 
     run(go())
@@ -284,7 +311,8 @@ def test_stop_after_grace_fails_what_is_left(make_engine):
     engine = make_engine()
 
     async def go():
-        endless = await engine.submit("Hi", task_id="t2", params=greedy(480))
+        engine.fault_injector.hold("endless", phase="decode")  # still decoding when stop begins; stop releases it
+        endless = await engine.submit("Hi", task_id="t2", params=greedy(480), request_id="endless")
         queued = await engine.submit("Hi", task_id="t3", params=greedy(480))
         await endless.__anext__()
         await engine.aclose(grace_s=0)

@@ -4,12 +4,13 @@ the token shares; fair share off is first in, first out."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
 
 import pytest
 
 from server.engine.types import SamplingParams, Share
-from tests.engine.conftest import run
+from tests.engine.conftest import held, run
 from tests.engine.test_engine_parity import PeftReferee
 from tests.engine.test_engine_paged import make_engine, setup  # noqa: F401 - fixtures
 
@@ -21,16 +22,24 @@ def greedy(n: int) -> SamplingParams:
 
 
 class StepLog:
-    """Per request: the step of its first token; per step: how many requests finished in it."""
+    """Per request: the step of its first token; per step: how many requests finished in it. With `end_step`
+    set, `reached_end` is set at the first token of that step (every earlier step's tokens are logged by
+    then), and `num_waiting_at_end` is the queue's length in that step."""
 
     def __init__(self, engine, num_new: int):
         self.first_step: dict[str, int] = {}
         self.finished_at: list[int] = []
         self.tokens: Counter = Counter()
         self.token_steps: list[tuple[int, str]] = []  # (step, tenant) of every token
+        self.end_step: int | None = None
+        self.reached_end = threading.Event()
+        self.num_waiting_at_end: int | None = None
 
         def tap(request_id: str, index: int, logits) -> None:  # worker thread, before the step is counted
             step = engine.stats().num_steps
+            if self.end_step is not None and step >= self.end_step and not self.reached_end.is_set():
+                self.num_waiting_at_end = engine.stats().num_waiting
+                self.reached_end.set()
             self.tokens[request_id[0]] += 1
             self.token_steps.append((step, request_id[0]))
             if index == 0:
@@ -39,6 +48,16 @@ class StepLog:
                 self.finished_at.append(step)
 
         engine.logits_tap = tap
+
+
+async def hold_a_flood_step(engine, log: StepLog) -> str:
+    """Hold the worker in a step of the flood request 24 admissions ahead (far enough that it cannot have
+    finished before the hold is armed): A's rows fill the batch, A's queue is long. Returns its id."""
+    num_started = sum(1 for request_id in list(log.first_step) if request_id.startswith("a"))
+    request_id = f"a{num_started + 24}"
+    engine.fault_injector.hold(request_id)
+    await held(engine, request_id)
+    return request_id
 
 
 @pytest.mark.parametrize("is_fair", [True, False])
@@ -54,11 +73,13 @@ def test_a_flood_does_not_hold_back_another_tenant(make_engine, is_fair):
                                      share=a) for i in range(200)]
         waits = []
         for k in range(3):
-            await asyncio.sleep(0.01)
+            # B arrives while the worker is held inside a step: the batch full of A's rows, A's queue long.
+            holding = await hold_a_flood_step(engine, log)
             stream = await engine.submit("The river runs", task_id=None, params=greedy(NUM_NEW),
                                          request_id=f"b{k}", share=b)
             # Read once it is queued: a row that freed before (and that A took again) is none of B's.
             queued = engine.stats().num_steps
+            engine.fault_injector.release(holding)
             await stream.result()
             slot_freed = min(s for s in log.finished_at if s >= queued)
             waits.append(log.first_step[f"b{k}"] - slot_freed)
@@ -81,18 +102,23 @@ def test_token_shares_follow_weights_3_to_1(make_engine):
     heavy, light = Share("h", weight=3), Share("l", weight=1)
 
     async def go():
+        # The worker waits inside the first request's step while the rest are queued: no step runs meanwhile.
+        engine.fault_injector.hold("h0")
         streams = []
         for i in range(120):  # both saturate the batch for the whole window measured
             for share in (heavy, light):
                 streams.append(await engine.submit("The bread", task_id=None, params=greedy(8),
                                                    request_id=f"{share.tenant}{i}", share=share))
+                if not i and share is heavy:
+                    await held(engine, "h0")
         # From 8 steps after the last submission: rows taken while the two queues were still being filled
         # (first come, first served: 4 and 4) have ended by then. A CI failure counted them: 2.70.
         start = engine.stats().num_steps + 8
-        while engine.stats().num_steps < start + 96:
-            await asyncio.sleep(0.01)
+        log.end_step = start + 96
+        engine.fault_injector.release("h0")
+        assert await asyncio.to_thread(log.reached_end.wait, 300), "the window's steps never ran"
         counted = Counter(tenant for step, tenant in list(log.token_steps) if start <= step < start + 96)
-        assert engine.stats().num_waiting > 0  # still saturated
+        assert log.num_waiting_at_end > 0  # still saturated
         for s in streams:
             s.cancel()
         return counted
@@ -111,12 +137,13 @@ def test_a_preempted_request_resumes_exactly(setup, make_engine):
     texts = ["The bread", "Once upon a time there was a baker", "The river runs"]
 
     async def go():
+        engine.fault_injector.hold("a0", after=10)  # B arrives in a0's 11th step
         flood = [await engine.submit(t, task_id="x", params=greedy(64), request_id=f"a{i}", share=Share("a"))
                  for i, t in enumerate(texts)]
-        while engine.stats().num_steps < 10:
-            await asyncio.sleep(0.005)
+        await held(engine, "a0")  # A's two rows have decoded for 10 steps, and hold both slots
         b = await engine.submit("Hi", task_id="y", params=greedy(5), request_id="b0", share=Share("b"))
         submitted = engine.stats().num_steps  # read once B is queued (steps before it are none of its wait)
+        engine.fault_injector.release("a0")
         b_result = await b.result()
         return [await s.result() for s in flood], b_result, log.first_step["b0"] - submitted
 
@@ -138,11 +165,12 @@ def test_a_preempted_seeded_sample_keeps_its_random_stream(make_engine):
         params = SamplingParams(max_new_tokens=64, do_sample=True, temperature=1.0, seed=11, ignore_eos=True)
 
         async def go():
-            flood = [await engine.submit(t, task_id="x", params=params, share=Share("a"))
-                     for t in ("The bread", "The river runs")]
-            while engine.stats().num_steps < 8:
-                await asyncio.sleep(0.005)
+            engine.fault_injector.hold("a0", after=8)  # B arrives in a0's 9th step, both slots busy
+            flood = [await engine.submit(t, task_id="x", params=params, request_id=f"a{i}", share=Share("a"))
+                     for i, t in enumerate(("The bread", "The river runs"))]
+            await held(engine, "a0")
             b = await engine.submit("Hi", task_id="y", params=greedy(3), share=Share("b"))
+            engine.fault_injector.release("a0")
             await b.result()
             return [(await s.result()).token_ids for s in flood]
 

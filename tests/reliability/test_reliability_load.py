@@ -101,7 +101,7 @@ def test_overload_sheds_with_429_and_a_bounded_queue(tiny_queue_server):
 async def _abandon(url: str, i: int, started: asyncio.Event) -> None:
     body = {"task_id": TASKS[i % len(TASKS)], "inputs": f"abandon {i}",
             "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers={"X-Request-Id": f"abandon-{i}"}) as c:
         if i % 2:  # a stream dropped after its first event
             async with c.stream("POST", "/generate_stream", json=body) as r:
                 async for _ in r.aiter_lines():
@@ -111,22 +111,52 @@ async def _abandon(url: str, i: int, started: asyncio.Event) -> None:
             await c.post("/generate", json=body)
 
 
+def _num_handlers_ended(live) -> float:
+    """Abandoned requests whose handler has ended: a plain one as 499, a stream as 200 (already sent)."""
+    counter = live.app.state.metrics.http_requests
+    return (counter.labels("/generate", "POST", "499")._value.get()
+            + counter.labels("/generate_stream", "POST", "200")._value.get())
+
+
 def test_200_aborted_requests_leave_nothing_behind(rel_server):
+    # Without racing the engine: abandon-0 holds the worker in its first decode step while the other 199
+    # arrive and queue (all of them, not those that made it within a guessed 0.2 s); abandon-2 then holds it
+    # again after 20 steps, before any request can end by itself (200 tokens), until every handler has seen
+    # its client go (so asked its cancel).
     live = rel_server
     engine = live.runtime.engine
+    faults = engine.fault_injector
     before = engine.stats()
     store_before = live.runtime.store.stats()
+    handlers_before = _num_handlers_ended(live)
+
+    async def until(predicate, what: str) -> None:
+        await asyncio.to_thread(wait_for, predicate, 60, what)
 
     async def main():
         started = asyncio.Event()
-        tasks = [asyncio.create_task(_abandon(live.url, i, started)) for i in range(NUM_ABORTED)]
-        await asyncio.wait_for(started.wait(), 60)
-        await asyncio.sleep(0.2)
+        faults.hold("abandon-0", phase="decode")
+        tasks = [asyncio.create_task(_abandon(live.url, 0, started))]
+        assert await asyncio.to_thread(faults.wait_held, "abandon-0")
+        for i in (1, 2):  # a stream first in the queue, then a plain request: the next step admits both
+            tasks.append(asyncio.create_task(_abandon(live.url, i, started)))
+            await until(lambda i=i: engine.stats().num_waiting == i, f"abandon-{i} to queue")
+        tasks += [asyncio.create_task(_abandon(live.url, i, started)) for i in range(3, NUM_ABORTED)]
+        await until(lambda: engine.stats().num_waiting == NUM_ABORTED - 1, "every request to queue")
+        faults.hold("abandon-2", after=20)
+        faults.release("abandon-0")
+        await asyncio.wait_for(started.wait(), 60)  # abandon-1's first event came, and it hung up
+        assert await asyncio.to_thread(faults.wait_held, "abandon-2")
         for t in tasks:
             t.cancel()  # closes the connections of the ones still pending
         await asyncio.gather(*tasks, return_exceptions=True)
+        await until(lambda: _num_handlers_ended(live) - handlers_before == NUM_ABORTED, "every handler to end")
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        faults.release("abandon-0")
+        faults.release("abandon-2")
     wait_for(lambda: settled(live), timeout_s=60, what="running, queued and pinned back to zero")
     after = engine.stats()
     assert after.num_finished - before.num_finished == NUM_ABORTED  # every one ended (cancelled ones too)

@@ -126,13 +126,52 @@ def test_a_burst_of_new_tasks_spreads_over_both_replicas(cluster):
     import concurrent.futures
 
     url, _, _ = cluster
-    with _client(url) as c, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        # Long enough to be in flight together: hashing alone can put 7 of 8 on one replica (a 7 % chance,
-        # a CI failure); the in-flight counts then cap the split.
-        replies = list(pool.map(lambda task: _generate(c, task, "The river", 48), BURST))
-    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
-    per_replica = Counter(r.headers["x-promptserve-replica"] for r in replies)
+    all_in = threading.Event()
+
+    def stream(c: httpx.Client, task: str) -> str:
+        # In flight until all 8 were seen in the engines at once (a stream far longer than the test, closed
+        # then, which cancels it): hashing alone can put 7 of 8 on one replica (a 7 % chance, a CI failure);
+        # the in-flight counts cap the split only while the requests are in flight together (48 tokens each
+        # once finished before the last was routed: Counter({7, 1}), a CI failure).
+        with c.stream("POST", "/generate_stream", json=_stream_body(task, VICTIM_TOKENS)) as s:
+            assert s.status_code == 200, s.read()
+            assert all_in.wait(120)
+            return s.headers["x-promptserve-replica"]
+
+    with _client(url) as c, concurrent.futures.ThreadPoolExecutor(len(BURST)) as pool:
+        replies = [pool.submit(stream, c, task) for task in BURST]
+        try:
+            _wait_until(lambda: sum(_in_engines(c).values()) == len(BURST), "all 8 in the engines at once")
+        finally:
+            all_in.set()
+        per_replica = Counter(r.result() for r in replies)
+        _wait_until(lambda: sum(_in_engines(c).values()) == 0, "the closed streams to leave the engines")
     assert len(per_replica) == 2 and min(per_replica.values()) >= 2, per_replica
+
+
+def _stream_body(task: str, max_new: int) -> dict:
+    return {"task_id": task, "inputs": "The river", "parameters": {"max_new_tokens": max_new, "ignore_eos_token": True}}
+
+
+def _in_engines(c: httpx.Client, families=("promptserve_queue_depth", "promptserve_running_batch_size")) -> Counter:
+    """Requests in each replica's engine now (waiting and running, or the `families` named), from the
+    federated /metrics: the queue states each engine reports."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(c.get("/metrics").text):
+        if family.name in families:
+            for sample in family.samples:
+                counts[sample.labels["replica"]] += int(sample.value)
+    return counts
+
+
+def _wait_until(predicate, what: str, timeout_s: float = 60) -> None:
+    """Poll `predicate` (a state the replicas report) until it holds (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def _generate_counts(c: httpx.Client) -> Counter:
@@ -156,10 +195,17 @@ def test_metrics_gather_every_replica_labelled_by_replica(cluster):
         before = _generate_counts(c)
         served = Counter(_generate(c, task, "x", 1).headers["x-promptserve-replica"] for task in [*TASKS, *BURST]
                          for _ in range(2))  # the burst's tasks are held by both replicas
-        time.sleep(0.5)  # a replica counts a request when its answer has been sent
-        after = _generate_counts(c)
+        # A replica counts a request when its answer has been sent: wait for the counters to reach the
+        # answers received (bounded), not for a guessed half second.
+        deadline = time.monotonic() + 30
+        while True:
+            after = _generate_counts(c)
+            counted = {r: after[r] - before[r] for r in after if after[r] != before[r]}
+            if counted == dict(served) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert len(served) == 2, served
-    assert {r: after[r] - before[r] for r in after if after[r] != before[r]} == dict(served)
+    assert counted == dict(served)
     with _client(url, USER) as c:
         assert_error(c.get("/metrics"), 403)  # admin only, as in one process
 
@@ -205,11 +251,35 @@ def test_mixed_tasks_match_peft_on_every_route(cluster):
 
 def _burst(c: httpx.Client, task: str) -> list[httpx.Response]:
     """12 requests for `task` at once: more than one replica takes a share (the holder gets at most
-    --route-imbalance 4 more in flight than the other; with batches of 2, most of them wait in queues)."""
+    --route-imbalance 4 more in flight than the other). By construction, not by overlap: two long streams of
+    the task first fill its replica's batch of 2, so the burst's requests sent there wait in its queue, in
+    flight, and after 3 of them the router sends the next elsewhere. The streams are closed (cancelled) once
+    another replica has answered one, and the queued ones then run."""
     import concurrent.futures
 
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        return list(pool.map(lambda _: _generate(c, task, "Once upon a time", 24), range(12)))
+    with concurrent.futures.ThreadPoolExecutor(14) as pool:
+        release = threading.Event()
+        blockers = []
+        try:
+            for _ in range(2):  # one at a time: both go to the task's replica, and run there
+                started = threading.Event()
+                blockers.append(pool.submit(_block, c, task, started, release))
+                assert started.wait(60)
+            replies = [pool.submit(_generate, c, task, "Once upon a time", 24) for _ in range(12)]
+            concurrent.futures.wait(replies, return_when=concurrent.futures.FIRST_COMPLETED)
+        finally:
+            release.set()
+        for blocker in blockers:
+            blocker.result()
+        return [r.result() for r in replies]
+
+
+def _block(c: httpx.Client, task: str, started: threading.Event, release: threading.Event) -> None:
+    """A stream of `task` far longer than the test: it holds a row from its first token until `release`
+    (then closed, which cancels it). A refused one (the task is gone) holds nothing."""
+    with c.stream("POST", "/generate_stream", json=_stream_body(task, VICTIM_TOKENS)):
+        started.set()
+        assert release.wait(120)
 
 
 def test_writes_through_the_endpoint_reach_every_replica(cluster):
@@ -339,15 +409,17 @@ def test_a_killed_replica_fails_only_its_own_requests(cluster):
                         started[task].set()
             return events
 
+        def running(c: httpx.Client) -> Counter:
+            return _in_engines(c, ("promptserve_running_batch_size",))
+
         with _client(url) as c, concurrent.futures.ThreadPoolExecutor(8) as pool:
             plain, streams = {}, {}
-            for task in (victim_task, other_task):  # one at a time, so that each stays on its replica
+            for task in (victim_task, other_task):  # one at a time, each running on its replica before the next
                 plain[task] = pool.submit(c.post, "/generate", json=body(task))
-                time.sleep(0.05)
+                _wait_until(lambda t=task: running(c)[home[t]] >= 1 or plain[t].done(), f"{task}'s request to run")
             for task in (victim_task, other_task):
                 streams[task] = pool.submit(stream, c, task)
-                time.sleep(0.05)
-            assert all(event.wait(60) for event in started.values())  # both batches are full and decoding
+                assert started[task].wait(60)  # both batches are full and decoding
             queued = [pool.submit(_generate, c, victim_task, "Hi", 8) for _ in range(2)]
             _wait_for_queue(c, victim_id, 2)  # they wait in the victim's queue
             ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
@@ -23,20 +22,28 @@ def wait_for(predicate, timeout_s: float = 20) -> None:
         time.sleep(0.02)
 
 
+SLOW = ("slow-generate_stream", "slow-generate")
+
+
+class Stall:
+    """The fault injector holds the engine inside the step after request `slow-*` got its first token (its
+    first decode step), until `set()`: no time limit that a slow machine could outlast."""
+
+    def __init__(self, faults):
+        self.faults = faults
+        for request_id in SLOW:
+            faults.hold(request_id, phase="decode")
+
+    def set(self) -> None:
+        for request_id in SLOW:
+            self.faults.release(request_id)
+
+
 @pytest.fixture()
 def stalled(server):
-    """Hold the engine inside the step after request `slow-*` got its first token, until released."""
-    engine = server.runtime.engine
-    gate = threading.Event()
-
-    def tap(request_id, step, logits):
-        if request_id.startswith("slow-") and step >= 1:
-            gate.wait(20)
-
-    engine.logits_tap = tap
-    yield gate
-    gate.set()
-    engine.logits_tap = None
+    stall = Stall(server.runtime.engine.fault_injector)
+    yield stall
+    stall.set()
 
 
 @pytest.mark.parametrize("route", ["/generate_stream", "/generate"])

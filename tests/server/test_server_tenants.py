@@ -80,24 +80,30 @@ def test_tokens_per_minute(live):
 
 
 def test_max_concurrent(live):
-    with live.client(headers=_auth("conc-key-00001")) as c:
-        started = threading.Event()
-        outcome = {}
+    # The engine holds the first request inside its first step until the second has been answered: the two
+    # are in flight together by construction, not by the first's 60 tokens outlasting the second's trip.
+    faults = live.runtime.engine.fault_injector
+    faults.hold("conc-first")
+    try:
+        with live.client(headers=_auth("conc-key-00001")) as c:
+            outcome = {}
 
-        def long_stream():
-            body = {"inputs": "The bread", "parameters": {"max_new_tokens": 60, "ignore_eos": True}}
-            with c.stream("POST", "/generate_stream", json=body) as r:
-                started.set()
-                outcome["first"] = r.status_code
-                r.read()
+            def long_stream():
+                body = {"inputs": "The bread", "parameters": {"max_new_tokens": 60, "ignore_eos": True}}
+                with c.stream("POST", "/generate_stream", json=body, headers={"X-Request-Id": "conc-first"}) as r:
+                    outcome["first"] = r.status_code
+                    r.read()
 
-        worker = threading.Thread(target=long_stream)
-        worker.start()
-        assert started.wait(30)
-        with live.client(headers=_auth("conc-key-00001")) as other:
-            second = other.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
-        worker.join(60)
-        third = c.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+            worker = threading.Thread(target=long_stream)
+            worker.start()
+            assert faults.wait_held("conc-first", 30)  # admitted by the gate, and running in the engine
+            with live.client(headers=_auth("conc-key-00001")) as other:
+                second = other.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+            faults.release("conc-first")
+            worker.join(60)
+            third = c.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+    finally:
+        faults.release("conc-first")
     assert outcome["first"] == 200
     assert second.status_code == 429 and "max_concurrent" in second.json()["error"], second.text
     assert second.headers["retry-after"] == "1"
