@@ -20,9 +20,9 @@ from torch import nn
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_FREE_FRACTION = 0.5  # the packed copies may take at most this share of the free memory (KV comes after)
 # float32 rows below which the plain product is faster than the packed one (measured on the 8x512 model's
-# weights, up to 2048 x 512: equal at ~16). Large weights differ: with 4 to 8 rows, aten::linear streamed
-# SmolLM2's 49152 x 576 output layer (113 MB) at a third of the packed product's speed (35 against 19 ms
-# at 4 rows), which made 4 rows at a time its slowest grid column; with 1 or 2 rows both were equal.
+# weights, up to 2048 x 512: equal at ~16). Large weights differ: from 3 rows, aten::linear streams
+# SmolLM2's 49152 x 576 output layer (113 MB) more slowly than the packed product; packing it from 3 rows
+# made the engine 4 % faster at 4 rows and 12 % at 8 (SmolLM2, float32, in process, 3 rounds each).
 MIN_FLOAT32_ROWS = 16
 LARGE_WEIGHT = 4 * 1024 * 1024  # elements: from here, packed from MIN_FLOAT32_ROWS_LARGE rows
 MIN_FLOAT32_ROWS_LARGE = 3
