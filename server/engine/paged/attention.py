@@ -167,17 +167,18 @@ def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             out[:plan.decode.reads.num_decode] = _decode(plan, layer, q, options)
     for chunk in plan.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+        if window or softcap:
+            keys, values = memory.context(layer, chunk.context)
+            out[rows] = attention_variants.prefill(q[:, rows], keys, values, chunk.start, scale, window, softcap)
+            continue
         queries = q[None, :, rows]  # [1, H, T, d]
-        if not (window or softcap) and prefill_attention.splits(queries, chunk.start, chunk.context.is_one_run):
+        if prefill_attention.splits(queries, chunk.start, chunk.context.is_one_run):
             prefix_keys, prefix_values = memory.pieces(layer, chunk.context, chunk.start)
             attended = prefill_attention.split(queries, prefix_keys, prefix_values,
                                                new_keys[rows].transpose(0, 1)[None],
                                                new_values[rows].transpose(0, 1)[None], scale)
         else:
             keys, values = memory.context(layer, chunk.context)
-            if window or softcap:
-                out[rows] = attention_variants.prefill(q[:, rows], keys, values, chunk.start, scale, window, softcap)
-                continue
             attended = prefill_attention.masked(queries, keys, values, chunk.mask, scale)
         out[rows] = attended[0].transpose(0, 1)  # [T, H, d]
     return out
