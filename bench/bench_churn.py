@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--interval", type=float, default=0.3, help="seconds between arrivals")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=128, help="slot engine: prefill_chunk_tokens (the server's default)")
+    p.add_argument("--chunk", type=int, default=512, help="slot engine: prefill_chunk_tokens (the server's default)")
     p.add_argument("--stall-ratios", default="0", help="slot engine: max_stall_ratio values to compare, "
                    "comma-separated (0, the server's default: always --chunk tokens)")
     p.add_argument("--skip-legacy", action="store_true", help="compare slot engine settings only")

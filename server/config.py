@@ -44,9 +44,11 @@ class Settings(BaseSettings):
     kv_block_tokens: int = Field(16, ge=1, le=1024, description="Context positions per KV block (a power of "
                                                                 "two): the unit of KV memory and of prefix "
                                                                 "sharing")
-    prefill_chunk_tokens: int = Field(128, ge=1, description="Most prompt tokens computed in one engine step; "
-                                                             "longer prompts continue over the next steps "
-                                                             "while running requests keep decoding")
+    prefill_chunk_tokens: int = Field(512, ge=1, description="Most prompt tokens computed in one engine step "
+                                                             "while requests decode (a quarter of the prompt "
+                                                             "tokens waiting, from a quarter of this value up "
+                                                             "to it); longer prompts continue over the next "
+                                                             "steps")
     max_stall_ratio: float = Field(0.0, ge=0, description="Keep a step that prefills while requests decode "
                                                           "within this multiple of a decode-only step (chunks "
                                                           "of 32 to --prefill-chunk-tokens, sized from measured "

@@ -16,10 +16,11 @@ class EngineConfig:
     max_total_tokens: int = 2048  # virtual + input + new tokens of one request (capped by the model)
     max_prefill_tokens: int = 4096  # legacy path: padded tokens (rows x longest row) in one prefill step
     # Paged engine (causal models): prompt tokens computed in one step; longer prompts continue next step.
-    prefill_chunk_tokens: int = 128  # the server's default too (--prefill-chunk-tokens)
+    # While rows decode: a quarter of the waiting prompt tokens, from a quarter of this up to it (ChunkBudget).
+    prefill_chunk_tokens: int = 512  # the server's default too (--prefill-chunk-tokens)
     idle_prefill_tokens: int = 2048  # the same, in a step where no request is decoding (no next token waits)
     # A step that prefills while rows decode takes at most this multiple of a decode-only step (estimated
-    # from recent steps; prefill_chunk_tokens stays the ceiling); 0 (default): always prefill_chunk_tokens.
+    # from recent steps; the backlog's chunk stays the ceiling); 0 (default): off.
     max_stall_ratio: float = 0.0
     # KV memory: bytes (> 1), or a fraction of the device's free memory (0 < x <= 1); None: enough for
     # max_batch_size full contexts, within half the free memory.

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.paged.cpu import packed_linear
+from server.engine.paged.cpu import packed_linear, skinny_linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
@@ -25,7 +25,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# float32: plain below MIN_FLOAT32_ROWS, packed from it; padded to a bucket (40 -> 40, 70 -> 96); plain above 256
+# float32: plain at 1 row, the few-row kernel at 2-15 (where built), packed from MIN_FLOAT32_ROWS; padded to a bucket (40 -> 40, 70 -> 96); plain above 256
 @pytest.mark.parametrize("num_rows", [1, 5, 16, 40, 70, 300])
 def test_packed_model_computes_what_the_plain_one_does(dtype, num_rows):
     model = _model(dtype)
@@ -97,12 +97,13 @@ def test_row_counts_share_a_few_buckets():
 
 
 def test_large_float32_weights_take_the_packed_product_from_three_rows(monkeypatch):
-    """An output layer of a real vocabulary is streamed faster packed from a few rows on (SmolLM2's 49152 x
-    576 head); small weights keep the plain product up to 16 rows."""
+    """Where the few-row kernel did not build: an output layer of a real vocabulary is streamed faster packed
+    from a few rows on (SmolLM2's 49152 x 576 head); small weights keep the plain product up to 16 rows."""
     model = _model(torch.float32)
     x = torch.randn(1, 4, 64)
     want = model(x).detach()
     packed_linear.pack(model)
+    monkeypatch.setitem(skinny_linear._built, "kernel", None)
     calls = []
     original = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or original(*a))

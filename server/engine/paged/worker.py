@@ -138,10 +138,11 @@ class PagedWorker(WorkerBase):
 
     def _plan(self) -> list[Chunk]:
         running = self._scheduler.running()
-        # While rows decode, a chunk delays their next token, so it is kept short. When none does, nobody
-        # waits on the step: one large prefill then starts every waiting request at once (with short chunks,
-        # a burst of requests would join over many steps and finish over as many, at smaller batches).
-        chunks, budget = [], self._budget.tokens(is_decoding=any(seq.generated for seq in running))
+        # While rows decode, a chunk delays their next token: it follows the backlog of waiting prompt tokens
+        # (ChunkBudget). When none does, nobody waits on the step: one large prefill then starts every waiting
+        # request at once (with short chunks, a burst would join over many steps and finish over as many).
+        waiting = sum(seq.num_context_tokens - seq.num_cached for seq in running if not seq.generated)
+        chunks, budget = [], self._budget.tokens(any(seq.generated for seq in running), waiting)
         for seq in running:
             remaining = seq.num_context_tokens - seq.num_cached
             if seq.generated:

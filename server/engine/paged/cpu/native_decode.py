@@ -1,12 +1,11 @@
 """The paged engine's native decode kernel (paged_decode.cpp): built once per process with the system's
-C++ compiler, called through ctypes.
+C++ compiler (native_build.py), called through ctypes.
 
 One call per layer stores the step's new keys and values in their KV rows and computes every decoding row's
 attention over its own context, read in place through its block table (each row reads only its own
 columns, once; rows sharing prefix blocks read the same memory). On CPU this replaces an index_put per
-tensor and a gather of every row's blocks for SDPA. It is built for this machine
-(`-march=native`) in a private temporary folder, so a build never meets another CPU. Without a compiler, or
-for dtypes and devices it does not cover, the attention glue keeps the SDPA path, which computes the same.
+tensor and a gather of every row's blocks for SDPA. Without a compiler, or for dtypes and devices it does
+not cover, the attention glue keeps the SDPA path, which computes the same.
 """
 
 from __future__ import annotations
@@ -14,23 +13,18 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from server.engine.paged.cpu import native_build
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "paged_decode.cpp"
 DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
-# Reassociation lets the compiler vectorize the dot products (sums in another order: within 1 ulp-ish of
-# SDPA's, far inside the parity tolerances); no -ffast-math, so NaN and infinities keep their meaning.
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-         "-fno-trapping-math", "-fPIC", "-std=c++17"]
 _Int64x3 = ctypes.c_int64 * 3
 _lock = threading.Lock()
 _built: dict[str, NativeDecode | None] = {}
@@ -103,21 +97,5 @@ def _build() -> NativeDecode | None:
     if os.environ.get("PROMPTSERVE_NATIVE_DECODE", "1") == "0":
         log.info("engine: native decode kernel off (PROMPTSERVE_NATIVE_DECODE=0)")
         return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        log.warning("engine: no C++ compiler, decode attention runs through SDPA")
-        return None
-    folder = Path(tempfile.mkdtemp(prefix="promptserve-native-"))
-    obj, lib = folder / "paged_decode.o", folder / "libpaged_decode.so"
-    try:
-        # Linked without -fopenmp: the OpenMP symbols bind to the runtime torch has loaded already.
-        subprocess.run([compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True)
-        subprocess.run([compiler, "-shared", str(obj), "-o", str(lib)], check=True, capture_output=True)
-        return NativeDecode(ctypes.CDLL(str(lib)))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        log.warning("engine: native decode kernel not built (%s %s), decode attention runs through SDPA",
-                    exc, detail.decode(errors="replace")[-300:])
-        return None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
+    library = native_build.build(SOURCE, "decode attention runs through SDPA")
+    return None if library is None else NativeDecode(library)

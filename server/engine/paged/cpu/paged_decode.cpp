@@ -237,7 +237,10 @@ void paged_decode(const T* query, Strides qs, const T* new_keys, Strides ks, con
     }  // implicit barrier: every row's own new key is in place before anyone attends
     const int64_t group = num_heads / num_kv_heads, mask = (int64_t(1) << block_shift) - 1;
     std::vector<Acc> q(group * head_dim), scores, acc;
-#pragma omp for schedule(static)
+    // Rows differ in length by 100x and more (a long prompt's row beside short ones): handed out one at a
+    // time, the items keep every thread busy to the end (in even static shares, one thread took every
+    // long row and the step waited for it).
+#pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_decode * num_kv_heads; ++item) {
       const int64_t r = item / num_kv_heads, h = item % num_kv_heads;
       const int64_t* table = tables + r * max_blocks;
