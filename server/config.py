@@ -45,10 +45,10 @@ class Settings(BaseSettings):
                                                                 "two): the unit of KV memory and of prefix "
                                                                 "sharing")
     prefill_chunk_tokens: int = Field(512, ge=1, description="Most prompt tokens computed in one engine step "
-                                                             "while requests decode (a quarter of the prompt "
-                                                             "tokens waiting, from a quarter of this value up "
-                                                             "to it); longer prompts continue over the next "
-                                                             "steps")
+                                                             "while requests decode (a quarter of this value "
+                                                             "per waiting request, or a quarter of their "
+                                                             "prompt tokens, whichever is more); longer "
+                                                             "prompts continue over the next steps")
     max_stall_ratio: float = Field(0.0, ge=0, description="Keep a step that prefills while requests decode "
                                                           "within this multiple of a decode-only step (chunks "
                                                           "of 32 to --prefill-chunk-tokens, sized from measured "

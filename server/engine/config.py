@@ -16,7 +16,7 @@ class EngineConfig:
     max_total_tokens: int = 2048  # virtual + input + new tokens of one request (capped by the model)
     max_prefill_tokens: int = 4096  # legacy path: padded tokens (rows x longest row) in one prefill step
     # Paged engine (causal models): prompt tokens computed in one step; longer prompts continue next step.
-    # While rows decode: a quarter of the waiting prompt tokens, from a quarter of this up to it (ChunkBudget).
+    # While rows decode, at most this many; each waiting request earns a quarter of it (ChunkBudget).
     prefill_chunk_tokens: int = 512  # the server's default too (--prefill-chunk-tokens)
     idle_prefill_tokens: int = 2048  # the same, in a step where no request is decoding (no next token waits)
     # A step that prefills while rows decode takes at most this multiple of a decode-only step (estimated

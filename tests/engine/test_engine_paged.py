@@ -289,3 +289,38 @@ def test_with_a_stall_ratio_prefill_chunks_shrink_while_rows_decode(make_engine)
         outputs[name], chunks[name] = run(long_beside_decoding()), sizes
     assert outputs["adaptive"] == outputs["fixed"]
     assert max(chunks["adaptive"][1:]) < 128 <= max(chunks["fixed"][1:])
+
+
+def test_prompts_closest_to_their_first_token_go_first_and_the_oldest_always_progresses(make_engine):
+    # 16 prompt tokens a step; a long prompt, then four short ones (more than 16 tokens together), admitted
+    # together. In arrival order the long one would take every step's 16 tokens and the short ones would wait
+    # for it; shortest first alone, the short ones would take all of the first step. Here the long one, the
+    # oldest, gets its share (a quarter of 16) every step, and the short ones the rest, shortest first.
+    engine = make_engine(burst_wait_s=0, prefill_chunk_tokens=16, idle_prefill_tokens=16)
+    steps = []
+    forward = engine._worker.runner.forward  # noqa: SLF001 - records each step's prompt chunks
+    engine._worker.runner.forward = lambda cs, f=forward: (  # noqa: SLF001
+        steps.append({c.seq.request_id: c.num_tokens for c in cs if not c.is_decode}), f(cs))[1]
+    shorts = {"s-x": "x", "s-y": "y", "s-z": "z", "s-bare": None}
+
+    async def long_then_short():
+        async with Hold(engine):  # all queued before any is admitted
+            streams = [await engine.submit(" ".join(TEXTS * 2), task_id="x", params=greedy(1), request_id="long")]
+            for request_id, task in shorts.items():
+                streams.append(await engine.submit("Hi", task_id=task, params=greedy(1), request_id=request_id))
+        return dict(zip(["long", *shorts], [await s.result() for s in streams]))
+
+    results = run(long_then_short())
+    sizes = {rid: r.virtual_tokens + r.prompt_tokens for rid, r in results.items()}
+    prompt_steps = [s for s in steps if set(s) & set(sizes)]
+    assert sum(sizes[rid] for rid in shorts) > 16 - 4  # the short ones cannot all fit beside the long one's share
+    first = prompt_steps[0]  # e.g. long 4, then the shortest whole (3, 6 tokens), the next one's first 3 of 8
+    assert first["long"] == 4 and sum(first.values()) == 16
+    order = sorted(shorts, key=sizes.get)
+    done = [rid for rid in order if first.get(rid) == sizes[rid]]
+    assert done and done == order[:len(done)]
+    assert first[order[len(done)]] == 16 - 4 - sum(sizes[rid] for rid in done)
+    long_steps = [s["long"] for s in prompt_steps if "long" in s]
+    assert len(long_steps) == len(prompt_steps) and sum(long_steps) == sizes["long"]  # progress every step
+    last_short = max(i for i, s in enumerate(prompt_steps) if set(s) & set(shorts))
+    assert last_short < len(prompt_steps) - 1  # every short prompt done before the long one

@@ -138,20 +138,24 @@ class PagedWorker(WorkerBase):
 
     def _plan(self) -> list[Chunk]:
         running = self._scheduler.running()
-        # While rows decode, a chunk delays their next token: it follows the backlog of waiting prompt tokens
-        # (ChunkBudget). When none does, nobody waits on the step: one large prefill then starts every waiting
-        # request at once (with short chunks, a burst would join over many steps and finish over as many).
-        waiting = sum(seq.num_context_tokens - seq.num_cached for seq in running if not seq.generated)
-        chunks, budget = [], self._budget.tokens(any(seq.generated for seq in running), waiting)
-        for seq in running:
-            remaining = seq.num_context_tokens - seq.num_cached
-            if seq.generated:
-                chunks.append(Chunk(seq, seq.num_cached, remaining))
-            elif budget > 0:
-                take = min(remaining, budget)
-                budget -= take
-                chunks.append(Chunk(seq, seq.num_cached, take))
-        return chunks
+        decoding = [seq for seq in running if seq.generated]
+        prompts = [seq for seq in running if not seq.generated]  # oldest first
+        remaining = {id(seq): seq.num_context_tokens - seq.num_cached for seq in prompts}
+        # While rows decode, a chunk delays their next token: it follows the backlog (ChunkBudget). When none
+        # does, nobody waits on the step: one large prefill then starts every waiting request at once (with
+        # short chunks, a burst would join over many steps and finish over as many).
+        budget = self._budget.tokens(bool(decoding), len(prompts), sum(remaining.values()))
+        take = dict.fromkeys(remaining, 0)
+        # The oldest prompt always gets its share, so that none starves; the rest of the budget goes to the
+        # prompts closest to their first token (most first tokens per step: in a burst of requests sharing a
+        # template, the followers whose prefix is cached start before the next template is computed).
+        for seq in prompts[:1] + sorted(prompts, key=lambda s: remaining[id(s)]):
+            limit = self._budget.share if seq is prompts[0] and not take[id(seq)] else budget
+            extra = min(remaining[id(seq)] - take[id(seq)], budget, limit)
+            take[id(seq)] += extra
+            budget -= extra
+        return ([Chunk(seq, seq.num_cached, seq.num_context_tokens - seq.num_cached) for seq in decoding]
+                + [Chunk(seq, seq.num_cached, take[id(seq)]) for seq in prompts if take[id(seq)]])
 
     # -- the forward --------------------------------------------------------------------------
     def _run(self, chunks: list[Chunk]) -> None:

@@ -2,10 +2,11 @@
 
 A step that prefills while rows decode delays every decoding row's next token; a small chunk keeps their
 streams even, a large one computes a backlog of prompts in fewer, more efficient steps. So while rows
-decode, the chunk follows the backlog: a quarter of the prompt tokens waiting in admitted requests,
-between a quarter of `prefill_chunk_tokens` and all of it. One prompt arriving beside decoding rows
-(open-loop traffic) gets small chunks; a burst of prompts, a long one or many sharing a template, large
-ones. When no row decodes, nobody waits on the step, and it may compute up to `idle_prefill_tokens`.
+decode, the chunk follows the backlog: a quarter of `prefill_chunk_tokens` for each request waiting for
+its first token, or a quarter of the prompt tokens they still have to compute, whichever is more, up to
+`prefill_chunk_tokens`. One prompt arriving beside decoding rows (open-loop traffic) gets small chunks; a
+burst of requests or a long prompt, large ones. When no row decodes, nobody waits on the step, and it may
+compute up to `idle_prefill_tokens`.
 
 With `max_stall_ratio` set, the chunk is also kept within that multiple of a decode-only step, from two
 running estimates (exponential moving averages over recent steps): the time of a decode-only step, and
@@ -15,9 +16,8 @@ what each prefill token adds to a step.
 from __future__ import annotations
 
 MIN_CHUNK_TOKENS = 32  # prompts always progress, whatever the estimates say
-# While rows decode, a backlog of waiting prompt tokens is spread over at least this many steps; the chunk
-# is at least max_tokens / BACKLOG_STEPS. Measured on the 8x512 model (2-core Xeon, float32) with a ceiling
-# of 512: churn's inter-token p99 stays at a fixed 128-token chunk's, P4 and P5 get a fixed 512's tokens/s.
+# While rows decode: each waiting request earns max_tokens / BACKLOG_STEPS of the chunk, and a backlog of
+# prompt tokens is spread over at most this many steps.
 BACKLOG_STEPS = 4
 SMOOTHING = 0.2  # weight of the newest step in the moving averages
 
@@ -32,13 +32,18 @@ class ChunkBudget:
         self.decode_s: float | None = None  # a decode-only step
         self.token_s: float | None = None  # what one prefill token adds to a step
 
-    def tokens(self, is_decoding: bool, waiting_tokens: int) -> int:
+    @property
+    def share(self) -> int:
+        """What each waiting request earns of a chunk while rows decode (the oldest always gets it)."""
+        return max(1, self.max_tokens // BACKLOG_STEPS)
+
+    def tokens(self, is_decoding: bool, waiting_requests: int, waiting_tokens: int) -> int:
         """Prompt tokens the next step may compute (`is_decoding`: some row waits for its next token;
-        `waiting_tokens`: prompt tokens admitted requests have still to compute)."""
+        `waiting_requests` admitted requests have `waiting_tokens` prompt tokens still to compute)."""
         if not is_decoding:
             return self.idle_tokens
-        floor = max(1, self.max_tokens // BACKLOG_STEPS)
-        ceiling = max(floor, min(self.max_tokens, waiting_tokens // BACKLOG_STEPS))
+        ceiling = min(self.max_tokens, max(self.share * waiting_requests, waiting_tokens // BACKLOG_STEPS,
+                                           self.share))
         if self.max_stall_ratio <= 0 or self.decode_s is None or not self.token_s:
             return ceiling
         fit = int((self.max_stall_ratio - 1) * self.decode_s / self.token_s)
