@@ -129,6 +129,28 @@ def test_kernel_window_and_softcap_match_torch(kernel, dtype, head_dim, window, 
         assert (uncapped - out[2].double()).abs().max() / uncapped.abs().max() > 10 * TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_weights_below_the_normal_range_leave_the_answer_and_the_thread_as_they_were(kernel, dtype):
+    """Scores spread over 0 to -100 below a row's maximum: many weights fall below 1e-38, where the kernel
+    flushes denormals (for speed). The answer is float64's, and the calling thread's floating-point mode is
+    restored (a denormal still computes as one afterwards)."""
+    gen = torch.Generator().manual_seed(5)
+    memory = PagedKV(_geometry(dtype, 1, 16), 8, 4, kernel)
+    keys, values = _history(memory, 0)
+    keys.copy_((torch.linspace(0, -100, memory.num_tokens)[None, :, None] * torch.ones(1, 1, 16) / 4).to(dtype))
+    values.copy_(torch.randn(values.shape, generator=gen).to(dtype))
+    query, length = torch.ones(1, 1, 16, dtype=dtype), memory.num_tokens  # scores = key sums: 0 .. -400 / 4
+    reads = DecodeReads(torch.arange(8)[None], torch.tensor([length]), 2)
+    new_kv = [keys[:, length - 1][None].clone(), values[:, length - 1][None].clone()]
+    out = torch.full((1, 1, 16), float("nan"), dtype=dtype)
+    memory.write_and_decode(0, query, *new_kv, torch.tensor([length - 1]), reads, 1.0, out)
+    want = _attention(query[0].double(), keys.double(), values.double(), 1.0, 0)
+    scores = keys.double().sum(-1)[0]
+    assert int(((scores - scores.max()).exp() < 1.2e-38).sum()) > 0  # some weights are below the normal range
+    assert (out[0].double() - want).abs().max() / want.abs().max() <= TOLERANCE[dtype]
+    assert float(torch.tensor([1e-39]) * 2) > 0  # no flush-to-zero left behind on this thread
+
+
 def test_a_correct_kernel_is_accepted_and_a_wrong_one_refused(kernel, caplog):
     geometry = _geometry(torch.float32, kv_heads=2)
     assert native_check.accept(kernel, geometry) is kernel
