@@ -1,5 +1,5 @@
-"""The few-row float32 kernel (server/engine/paged/cpu/skinny_linear.py): float64's products at 2 to 15
-rows, used by the packed op at exactly those row counts, and refused at start when it disagrees."""
+"""The few-row kernel (server/engine/paged/cpu/skinny_linear.py): float64's products at 1 to 20 float32 rows
+and 1 to 7 bfloat16 ones, used by the packed op at exactly those row counts, refused when it disagrees."""
 
 from __future__ import annotations
 
@@ -29,29 +29,35 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).abs().max() / want.abs().max())
 
 
-@pytest.mark.parametrize("num_rows", range(2, 16))
+CASES = [(torch.float32, n) for n in range(1, 21)] + [(torch.bfloat16, n) for n in range(1, 8)]
+
+
+@pytest.mark.parametrize("dtype, num_rows", CASES, ids=[f"{str(d)[6:]}-{n}" for d, n in CASES])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_products_match_float64(kernel, num_rows, with_bias):
+def test_products_match_float64(kernel, dtype, num_rows, with_bias):
     gen = torch.Generator().manual_seed(num_rows)
-    weight = torch.randn(1537, 576, generator=gen)  # an odd number of outputs: the last pair is one column
-    bias = torch.randn(1537, generator=gen) if with_bias else None
-    rows = torch.randn(num_rows, 640, generator=gen)[:, 32:608]  # rows a stride apart, as a sliced input
+    weight = torch.randn(1537, 576, generator=gen).to(dtype)  # an odd number of outputs: the last pair is one
+    bias = torch.randn(1537, generator=gen).to(dtype) if with_bias else None
+    rows = torch.randn(num_rows, 640, generator=gen).to(dtype)[:, 32:608]  # rows a stride apart, as a slice
     assert kernel.covers(rows, weight)
     want = F.linear(rows.double(), weight.double(), None if bias is None else bias.double())
-    assert _relative_error(kernel.run(rows, weight, bias), want) <= 1e-5
+    assert _relative_error(kernel.run(rows, weight, bias), want) <= {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
 
 
 def test_it_covers_only_what_it_computes(kernel):
     weight = torch.randn(32, 64)
-    assert not kernel.covers(torch.randn(1, 64), weight)  # one row: a matrix-vector product, aten's
-    assert not kernel.covers(torch.randn(16, 64), weight)  # from 16 rows the packed product is faster
+    assert not kernel.covers(torch.randn(21, 64), weight)  # from about 24 rows the packed product is faster
     assert not kernel.covers(torch.randn(4, 72), torch.randn(32, 72))  # widths must be multiples of 16
-    assert not kernel.covers(torch.randn(4, 64, dtype=torch.bfloat16), weight.bfloat16())
+    assert not kernel.covers(torch.randn(8, 64, dtype=torch.bfloat16), weight.bfloat16())  # packed from 8
+    assert not kernel.covers(torch.randn(4, 64, dtype=torch.bfloat16), weight)  # mixed dtypes
     assert not kernel.covers(torch.randn(4, 64), torch.randn(64, 32).t())  # a transposed weight
 
 
-@pytest.mark.parametrize("num_rows, routed", [(1, False), (2, True), (15, True), (16, False)])
-def test_the_packed_op_sends_2_to_15_float32_rows_to_it(kernel, monkeypatch, num_rows, routed):
+@pytest.mark.parametrize("dtype, num_rows, routed", [(torch.float32, 1, True), (torch.float32, 20, True),
+                                                     (torch.float32, 21, False),
+                                                     (torch.bfloat16, 1, True), (torch.bfloat16, 7, True),
+                                                     (torch.bfloat16, 8, False)])
+def test_the_packed_op_sends_its_row_counts_to_it(kernel, monkeypatch, dtype, num_rows, routed):
     calls = []
 
     class Counting(skinny_linear.SkinnyLinear):
@@ -61,15 +67,16 @@ def test_the_packed_op_sends_2_to_15_float32_rows_to_it(kernel, monkeypatch, num
 
     counting = Counting.__new__(Counting)
     counting.__dict__.update(kernel.__dict__)
-    model = nn.Linear(64, 48)
-    x = torch.randn(1, num_rows, 64)
+    model = nn.Linear(64, 48).to(dtype)
+    x = torch.randn(1, num_rows, 64).to(dtype)
     want = F.linear(x.double(), model.weight.double(), model.bias.double())
     packed_linear.pack(model)
     monkeypatch.setitem(skinny_linear._built, "kernel", counting)
     with torch.inference_mode():
         got = model(x)
     assert calls == ([num_rows] if routed else [])
-    assert got.shape == (1, num_rows, 48) and _relative_error(got, want) <= 1e-5
+    assert got.shape == (1, num_rows, 48) and _relative_error(got, want) <= {torch.float32: 1e-5,
+                                                                               torch.bfloat16: 1e-2}[dtype]
 
 
 def test_a_kernel_that_disagrees_is_refused(kernel, caplog):

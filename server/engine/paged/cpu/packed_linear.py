@@ -3,8 +3,8 @@ layout, so that a step's matrix products skip the per-call packing that `aten::l
 
 Measured on the benchmark's 8-layer 512-wide Llama (2-core Xeon with AMX), a decode step of 32 rows spends
 a third less time in its matrix products in bfloat16 (at every row count) and a fifth less in float32 (from
-about 16 rows). Below that, float32 products go to the few-row kernel (skinny_linear.py, 2 to 15 rows) or
-to `aten::linear` (one row, or where the kernel did not build). The cost is a second copy of every linear
+about 16 rows). Where the few-row kernel builds (skinny_linear.py), float32 products of 1 to 20 rows and
+bfloat16 ones of 1 to 7 go to it; else float32 ones below 16 rows go to `aten::linear`. The cost is a second copy of every linear
 weight: the originals stay, for anything that runs the model outside the engine's step (the probe, PEFT
 comparisons, training with gradients). The engine packs only when the copies fit in half the free memory.
 
@@ -68,7 +68,7 @@ def pack_within(model: nn.Module, free_bytes: int) -> int | None:
 
 def pack(model: nn.Module) -> int:
     """Turn every `nn.Linear` of `model` into a `PackedLinear`; returns the bytes the packed copies take.
-    Also builds the few-row kernel (skinny_linear.py) that the packed op uses from 2 to 15 float32 rows."""
+    Also builds the few-row kernel (skinny_linear.py) that the packed op uses for a few rows."""
     skinny_linear.load()
     num_bytes = 0
     for module in _packable(model):
@@ -95,7 +95,7 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
     """`F.linear(x, weight, bias)`, through the packed weight or the few-row kernel where one is faster."""
     num_rows = x.numel() // x.shape[-1]
     skinny = skinny_linear.loaded()
-    if skinny is not None and x.dtype == torch.float32 and num_rows <= skinny_linear.MAX_ROWS:
+    if skinny is not None and num_rows <= skinny_linear.MAX_ROWS:
         rows = x.reshape(num_rows, x.shape[-1])
         if skinny.covers(rows, weight):
             return skinny.run(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])

@@ -20,31 +20,17 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "bfloat16.h"
 #if defined(__AVX512F__) || defined(__SSE__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-struct BF16 { uint16_t bits; };
-
-inline float load(float x) { return x; }
-inline double load(double x) { return x; }
-inline float load(BF16 x) {
-  uint32_t u = uint32_t(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline void store(float* p, float x) { *p = x; }
-inline void store(double* p, double x) { *p = x; }
-inline void store(BF16* p, float x) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) { p->bits = 0x7fc0; return; }  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  p->bits = uint16_t(u >> 16);
-}
+using native::BF16;
+using native::load;
+using native::store;
 
 struct Strides { int64_t a, b, c; };
 
@@ -126,11 +112,7 @@ void attend_scalar(const Work<T, Acc>& job, const Acc* q, std::vector<Acc>& scor
 }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const BF16* p) {  // bfloat16 -> float32 is a 16-bit shift
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
+using native::load16;
 
 // e^x for x <= 0 (scores minus their maximum), within about 1 float32 ulp: x = n ln2 + r, |r| <= ln2/2,
 // e^r by its Taylor series to r^7 (relative error below 1e-8), times 2^n by scalef (which also underflows
