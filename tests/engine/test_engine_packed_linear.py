@@ -25,7 +25,8 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# float32: plain at 1 row, the few-row kernel at 2-15 (where built), packed from MIN_FLOAT32_ROWS; padded to a bucket (40 -> 40, 70 -> 96); plain above 256
+# float32: the few-row kernel up to 20 rows (where built; plain below 16 elsewhere), packed from there, padded
+# to a bucket (40 -> 40, 70 -> 96); plain above 256
 @pytest.mark.parametrize("num_rows", [1, 5, 16, 40, 70, 300])
 def test_packed_model_computes_what_the_plain_one_does(dtype, num_rows):
     model = _model(dtype)

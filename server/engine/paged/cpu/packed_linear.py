@@ -4,9 +4,10 @@ layout, so that a step's matrix products skip the per-call packing that `aten::l
 Measured on the benchmark's 8-layer 512-wide Llama (2-core Xeon with AMX), a decode step of 32 rows spends
 a third less time in its matrix products in bfloat16 (at every row count) and a fifth less in float32 (from
 about 16 rows). Where the few-row kernel builds (skinny_linear.py), float32 products of 1 to 20 rows and
-bfloat16 ones of 1 to 7 go to it; else float32 ones below 16 rows go to `aten::linear`. The cost is a second copy of every linear
-weight: the originals stay, for anything that runs the model outside the engine's step (the probe, PEFT
-comparisons, training with gradients). The engine packs only when the copies fit in half the free memory.
+bfloat16 ones of 1 to 7 go to it; else float32 ones below 16 rows go to `aten::linear`. The cost is a second
+copy of every linear weight: the originals stay, for anything that runs the model outside the engine's step
+(the probe, PEFT comparisons, training with gradients). The engine packs only when the copies fit in half
+the free memory.
 
 Stock transformers modules are kept: each `nn.Linear` becomes a `PackedLinear` (its class only; weights,
 hooks and state dict unchanged). The product is one opaque custom op, so a compiled step calls it as it is.
