@@ -146,12 +146,15 @@ class PagedWorker(WorkerBase):
         # short chunks, a burst would join over many steps and finish over as many).
         budget = self._budget.tokens(bool(decoding), len(prompts), sum(remaining.values()))
         take = dict.fromkeys(remaining, 0)
-        # The oldest prompt always gets its share, so that none starves; the rest of the budget goes to the
+        # The oldest prompt first gets its share, so that none starves; the rest of the budget goes to the
         # prompts closest to their first token (most first tokens per step: in a burst of requests sharing a
         # template, the followers whose prefix is cached start before the next template is computed).
-        for seq in prompts[:1] + sorted(prompts, key=lambda s: remaining[id(s)]):
-            limit = self._budget.share if seq is prompts[0] and not take[id(seq)] else budget
-            extra = min(remaining[id(seq)] - take[id(seq)], budget, limit)
+        if prompts:
+            oldest = id(prompts[0])
+            take[oldest] = min(remaining[oldest], budget, self._budget.share)
+            budget -= take[oldest]
+        for seq in sorted(prompts, key=lambda s: remaining[id(s)]):
+            extra = min(remaining[id(seq)] - take[id(seq)], budget)
             take[id(seq)] += extra
             budget -= extra
         return ([Chunk(seq, seq.num_cached, seq.num_context_tokens - seq.num_cached) for seq in decoding]
