@@ -29,7 +29,7 @@ class EngineConfig:
     prefix_caching: bool = True  # paged engine: full blocks shared by content between requests
     use_paged: bool = True  # False: every model takes the legacy path (debugging, comparisons)
     compile: bool = False  # paged engine: torch.compile the model's step (the server turns it on)
-    native_decode: bool = True  # paged engine on CPU: the native decode kernel (paged/cpu) where it builds
+    native_attention: bool = True  # paged engine on CPU: the native attention kernels (paged/cpu) where they build
     prepack_weights: bool = True  # paged engine on CPU: linear weights also kept in oneDNN's layout
     fair_share: bool = True  # admission by tenants' weighted token shares; False: first in, first out
     # Paged engine with fair share: a least-served tenant's request that waited this many steps with every

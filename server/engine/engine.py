@@ -92,7 +92,7 @@ class Engine:
         try:
             warm_up(runner)
             # The compiled step is code of its own: it must pass the exactness probe too.
-            reason = probe_step(runner, runner.native) if runner.is_compiled else None
+            reason = probe_step(runner, runner.native, runner.native_prefill) if runner.is_compiled else None
         except Exception as exc:  # noqa: BLE001 - e.g. inductor found no C++ compiler
             if not runner.is_compiled:
                 raise
@@ -103,12 +103,14 @@ class Engine:
         return time.monotonic() - started
 
     def describe(self) -> dict[str, Any]:
-        """How requests are computed (for /info): the KV path, the decode attention, a compiled step."""
+        """How requests are computed (for /info): the KV path, the decode and prefill attention, a compiled step."""
         memory = self.memory
         if memory is None:
             path = "seq2seq" if self.loaded.is_encoder_decoder else "legacy"
-            return {"engine": path, "decode_attention": "transformers", "compiled_step": False}
+            return {"engine": path, "decode_attention": "transformers", "prefill_attention": "transformers",
+                    "compiled_step": False}
         return {"engine": "paged", "decode_attention": "native" if memory.has_native_decode else "sdpa",
+                "prefill_attention": "native" if memory.has_native_prefill else "sdpa",
                 "compiled_step": self._worker.runner.is_compiled, "kv_block_tokens": memory.block_tokens,
                 "kv_pool_tokens": memory.num_tokens}
 

@@ -2,8 +2,8 @@
 request) gives each request what PEFT gives it alone: greedy tokens identical, logits within 1e-4 in
 float32; in float64, where only the algorithm can differ, within 1e-9. Checked for the default engine, with
 prefix caching on and off (blocks of 4 and of 16), with prefill chunks that end inside the virtual tokens,
-inside blocks and inside the text, with the compiled step, and with decode attention in the native kernel
-and in SDPA."""
+inside blocks and inside the text, with the compiled step, and with attention (decode and prefill) in the
+native kernels and in SDPA."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from server.engine.paged import prefill_attention
-from server.engine.paged.cpu import native_decode
+from server.engine.paged.cpu import native_decode, native_prefill
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.types import SamplingParams
@@ -143,8 +143,12 @@ def test_mixed_batch_matches_peft_alone(family, engine_model_dir, tmp_path):
     """Blocks of 4: the tasks' virtual tokens (n = 4, 7, 12) fill blocks that their later requests share."""
     engine = _check_parity(engine_model_dir(family), tmp_path, EngineConfig(max_batch_size=16, kv_block_tokens=4))
     assert (engine.memory is None) == (family == "bloom")  # BLOOM (ALiBi) keeps the legacy path
-    if engine.memory is not None:  # decode attention in the native kernel wherever it builds
+    if engine.memory is not None:  # attention in the native kernels wherever they build and cover the model
         assert engine.memory.has_native_decode == (native_decode.load() is not None)
+        prefill = native_prefill.load()
+        geometry = engine.memory.geometry
+        assert engine.memory.has_native_prefill == (prefill is not None and prefill.covers(
+            geometry.dtype, geometry.device, geometry.head_dim))
         kv = engine.stats().kv  # later requests of a task started from its cached blocks
         assert kv.num_prefix_hit_tokens == expected_hit_tokens(engine.tokenizer, 4) > 0
 
@@ -153,23 +157,28 @@ PAGED_FAMILIES = [f for f in FAMILIES if f != "bloom"]
 
 
 @pytest.mark.parametrize("family", PAGED_FAMILIES)
-@pytest.mark.parametrize("chunk,caching", [(3, True), (5, False)], ids=["chunk3-prefix", "chunk5-noprefix"])
-def test_chunked_prefill_and_prefix_cache_match_peft(family, chunk, caching, engine_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("chunk,caching,native", [(3, True, True), (5, False, False)],
+                         ids=["chunk3-prefix-native", "chunk5-noprefix-sdpa"])
+def test_chunked_prefill_and_prefix_cache_match_peft(family, chunk, caching, native, engine_model_dir, tmp_path,
+                                                     monkeypatch):
     """Chunks of 3 or 5 tokens end inside the virtual tokens (n = 4, 7, 12), inside blocks of 4 and inside
-    the text. Every chunk after the first attends in two halves merged by log-sum-exp (the split that long
-    prompts take; other tests keep the single masked call that short chunks take)."""
+    the text: read in place by the native prefill kernel, or, through SDPA, every chunk after the first in two
+    halves merged by log-sum-exp (the split that long prompts take where the kernel does not serve; other
+    tests keep the single masked call that short chunks take)."""
     monkeypatch.setattr(prefill_attention, "MIN_SPLIT_PAIRS", 0)
-    config = EngineConfig(max_batch_size=16, prefill_chunk_tokens=chunk, prefix_caching=caching, kv_block_tokens=4)
+    config = EngineConfig(max_batch_size=16, prefill_chunk_tokens=chunk, prefix_caching=caching, kv_block_tokens=4,
+                          native_attention=native)
     engine = _check_parity(engine_model_dir(family), tmp_path, config)
     assert engine.stats().kv.num_prefix_hit_tokens == (expected_hit_tokens(engine.tokenizer, 4) if caching else 0)
+    assert engine.memory.has_native_prefill == (native and native_prefill.load() is not None
+                                                and engine.memory.geometry.head_dim % 16 == 0)
 
 
 @pytest.mark.parametrize("family", PAGED_FAMILIES)
 def test_sdpa_decode_matches_peft(family, engine_model_dir, tmp_path):
-    """Decode attention through SDPA: the path where the native kernel is not built (no compiler, float16,
-    GPUs)."""
-    engine = _check_parity(engine_model_dir(family), tmp_path, EngineConfig(max_batch_size=16, native_decode=False))
-    assert not engine.memory.has_native_decode
+    """Attention through SDPA: the path where the native kernels are not built (no compiler, float16, GPUs)."""
+    engine = _check_parity(engine_model_dir(family), tmp_path, EngineConfig(max_batch_size=16, native_attention=False))
+    assert not engine.memory.has_native_decode and not engine.memory.has_native_prefill
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "sdpa"])
@@ -178,7 +187,7 @@ def test_float64_logits_match_peft_to_1e9(family, native, engine_model_dir, tmp_
     """In float64 rounding is out of the way: what is left would be a different computation (prefill chunks
     split in two halves with the native kernel, one masked call without)."""
     monkeypatch.setattr(prefill_attention, "MIN_SPLIT_PAIRS", 0 if native else 2 ** 62)
-    config = EngineConfig(max_batch_size=16, prefill_chunk_tokens=5, native_decode=native)
+    config = EngineConfig(max_batch_size=16, prefill_chunk_tokens=5, native_attention=native)
     _check_parity(engine_model_dir(family), tmp_path, config, dtype="float64", tol=1e-9)
 
 

@@ -1,5 +1,5 @@
-"""The start-up exactness probe can fail: a decode kernel or attention glue that loses a position is
-refused (the engine falls back, with a warning naming the reason), and the engine stays exact."""
+"""The start-up exactness probe can fail: a decode or prefill kernel or attention glue that loses a position
+is refused (the engine falls back, with a warning naming the reason), and the engine stays exact."""
 
 from __future__ import annotations
 
@@ -38,13 +38,42 @@ class KernelDroppingPositionZero:
 
 
 def test_a_kernel_that_drops_a_position_is_refused(engine_model_dir, monkeypatch, caplog):
-    monkeypatch.setattr(native_check, "accept", lambda native, geometry: native)  # the probe alone decides
-    monkeypatch.setattr("server.engine.paged.cpu.native_decode.load", lambda: KernelDroppingPositionZero())
+    engine = _engine_with(KernelDroppingPositionZero(), "native_decode", engine_model_dir, monkeypatch, caplog)
+    assert (engine.describe()["engine"], engine.describe()["decode_attention"]) == ("paged", "sdpa")
+
+
+def _engine_with(kernel, module: str, engine_model_dir, monkeypatch, caplog) -> Engine:
+    """An engine on the tiny Llama whose `module` (native_decode or native_prefill) loads `kernel`, which the
+    probe alone judges; the probe must refuse it."""
+    check = {"native_decode": "accept", "native_prefill": "accept_prefill"}[module]
+    monkeypatch.setattr(native_check, check, lambda native, geometry: native)
+    monkeypatch.setattr(f"server.engine.paged.cpu.{module}.load", lambda: kernel)
     loaded = load_model(str(engine_model_dir("llama")), device="cpu", dtype="float32")
     with caplog.at_level(logging.WARNING):
         engine = Engine(loaded, None, EngineConfig())
-    assert (engine.describe()["engine"], engine.describe()["decode_attention"]) == ("paged", "sdpa")
-    assert "native decode kernel not used for this model (logits differ from the model's own attention" in caplog.text
+    assert "native attention kernels not used for this model (logits differ from the model's own attention" in caplog.text
+    return engine
+
+
+class PrefillDroppingPositionZero:
+    """A prefill 'kernel' in torch that attends from position 1 on (position 0 attends to itself)."""
+
+    @staticmethod
+    def covers(dtype, device, head_dim) -> bool:
+        return True
+
+    def run(self, query, keys, values, runs, start, scale, out):
+        rows = [first + i for first, length in runs.tolist() for i in range(length)][:start + query.shape[0]]
+        group = query.shape[1] // keys.shape[0]
+        k, v = (t[:, rows].repeat_interleave(group, 0) for t in (keys, values))  # [H, L, d]
+        for t in range(query.shape[0]):
+            seen = range(min(1, start + t), start + t + 1)
+            out[t] = F.scaled_dot_product_attention(query[t, :, None], k[:, seen], v[:, seen], scale=scale)[:, 0]
+
+
+def test_a_prefill_kernel_that_drops_a_position_is_refused(engine_model_dir, monkeypatch, caplog):
+    engine = _engine_with(PrefillDroppingPositionZero(), "native_prefill", engine_model_dir, monkeypatch, caplog)
+    assert (engine.describe()["engine"], engine.describe()["prefill_attention"]) == ("paged", "sdpa")
 
 
 def test_glue_that_hides_a_position_sends_the_model_to_the_legacy_path(engine_model_dir, monkeypatch, caplog):
@@ -56,7 +85,7 @@ def test_glue_that_hides_a_position_sends_the_model_to_the_legacy_path(engine_mo
     monkeypatch.setattr(step_plan, "_offset_causal_mask", hides_position_zero)  # later prefill chunks lose it
     loaded = load_model(str(engine_model_dir("gpt2")), device="cpu", dtype="float32")
     with caplog.at_level(logging.WARNING):
-        engine = Engine(loaded, None, EngineConfig(native_decode=False))
+        engine = Engine(loaded, None, EngineConfig(native_attention=False))
     assert engine.describe()["engine"] == "legacy"
     assert "engine: legacy path (logits differ from the model's own attention by" in caplog.text
 

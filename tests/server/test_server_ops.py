@@ -29,6 +29,7 @@ def test_health_ready_info(server):
     assert info["engine"] == "paged" and info["max_total_tokens"] >= 1
     assert info["kv_block_tokens"] == 16 and info["kv_pool_tokens"] >= info["max_total_tokens"]
     assert info["decode_attention"] in ("native", "sdpa") and isinstance(info["compiled_step"], bool)
+    assert info["prefill_attention"] in ("native", "sdpa")
 
 
 TEXT = "The river runs by the old mill"

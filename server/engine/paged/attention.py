@@ -6,15 +6,16 @@ The runner calls it on a packed step, `[1, N]` tokens of several requests, witho
 and with `promptserve_paged=True` as an extra forward keyword, which transformers hands down to every
 attention call. There the work is one opaque custom op per layer: it writes the step's new keys and
 values into their KV rows, then attends: all decoding rows at once, each over its own blocks read in place
-(the native kernel) or gathered (SDPA elsewhere), and each prefill chunk over its context (a view when its
-blocks are one run, else gathered). The op reads the step's StepPlan from the engine thread's
-`active_plan`, so a compiled model sees only `(q, k, v, layer)`: one graph serves every batch and chunk
-layout. Called without the keyword, the function is plain SDPA (causal over the call's own keys; the glue
-builds no masks): the model works as loaded, e.g. for right-padded training.
+(the native kernel) or gathered (SDPA elsewhere), and each prefill chunk over its context (read in place by
+the native prefill kernel; for SDPA, a view when its blocks are one run, else gathered). The op reads the
+step's StepPlan from the engine thread's `active_plan`, so a compiled model sees only `(q, k, v, layer)`:
+one graph serves every batch and chunk layout. Called without the keyword, the function is plain SDPA (causal
+over the call's own keys; the glue builds no masks): the model works as loaded, e.g. for right-padded
+training.
 
 Layers with a sliding window or attention logit soft-capping (their `sliding_window` and `softcap` keywords)
-pass them to the op; the kernel computes both, and attention_variants.py the prefill chunks and SDPA decode
-of those layers only.
+pass them to the op; the decode kernel computes both, and attention_variants.py the prefill chunks and SDPA
+decode of those layers only.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class PrefillChunk:
     num_tokens: int
     start: int  # context position of its first token
     context: ContextReads  # its positions 0..start + num_tokens - 1
-    mask: torch.Tensor | None  # [T, start + T] bool, None when start == 0 (plain causal)
+    mask: torch.Tensor | None  # [T, start + T] bool; None: start == 0 (plain causal), or the native kernel's
 
 
 @dataclass
@@ -156,8 +157,9 @@ def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     options = {"scale": scale, "enable_gqa": query.shape[1] != key.shape[1]}
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, H, d]
     q = query[0]  # [H, N, d]
+    by_token = _rows(q)  # [N, H, d]
     if memory.has_native_decode:  # decoding rows are the step's first tokens (step_plan.order)
-        memory.write_and_decode(layer, _rows(q), new_keys, new_values, plan.write_rows, plan.decode.reads, scale, out,
+        memory.write_and_decode(layer, by_token, new_keys, new_values, plan.write_rows, plan.decode.reads, scale, out,
                                 window, softcap)
     else:
         memory.write(layer, plan.write_rows, new_keys, new_values)
@@ -170,6 +172,9 @@ def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         if window or softcap:
             keys, values = memory.context(layer, chunk.context)
             out[rows] = attention_variants.prefill(q[:, rows], keys, values, chunk.start, scale, window, softcap)
+            continue
+        if memory.has_native_prefill:
+            memory.prefill(layer, by_token[rows], chunk.context, chunk.start, scale, out[rows])
             continue
         queries = q[None, :, rows]  # [1, H, T, d]
         if prefill_attention.splits(queries, chunk.start, chunk.context.is_one_run):

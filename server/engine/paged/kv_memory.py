@@ -4,8 +4,8 @@ Layout (known to this module only): per layer, keys and values of shape `[kv_hea
 block_tokens, head_dim]`. Block b is rows b*B..(b+1)*B-1 of every head. A request's context position p lives
 in row `table[p // B] * B + p % B` of its block table. Blocks that follow each other in a table and in
 memory make one run of rows, read as a plain view. A prefill reads a table of several runs as one view per
-run (or copied together, for the layers that need one tensor); decode reads blocks in place in the native
-kernel, or gathered for SDPA.
+run (or copied together, for the layers that need one tensor), or the native prefill kernel reads the runs
+in place; decode reads blocks in place in the native kernel, or gathered for SDPA.
 
 Memory is zeroed once at allocation: rows a step reads but masks out then hold finite values, which
 attention multiplies by zero weights (garbage could be NaN, and 0 * NaN is NaN).
@@ -14,11 +14,13 @@ attention multiplies by zero weights (garbage could be NaN, and 0 * NaN is NaN).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from server.engine.paged.cpu.huge_pages import advise_huge_pages
 from server.engine.paged.cpu.native_decode import DecodeReads, NativeDecode
+from server.engine.paged.cpu.native_prefill import NativePrefill
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,11 @@ class KVGeometry:
 
 
 class PagedKV:
-    """The KV tensors; `write`, `context` and `write_and_decode` are called by the attention glue per layer."""
+    """The KV tensors; `write`, `context`, `write_and_decode` and `prefill` are called by the attention glue
+    per layer."""
 
-    def __init__(self, geometry: KVGeometry, num_blocks: int, block_tokens: int, native: NativeDecode | None = None):
+    def __init__(self, geometry: KVGeometry, num_blocks: int, block_tokens: int, native: NativeDecode | None = None,
+                 native_prefill: NativePrefill | None = None):
         if num_blocks < 1 or block_tokens < 1 or block_tokens & (block_tokens - 1):
             raise ValueError(f"KV memory needs blocks of a power-of-two size, at least one ({num_blocks} x "
                              f"{block_tokens})")
@@ -51,11 +55,19 @@ class PagedKV:
         self._keys = [_zeros(shape, geometry) for _ in range(geometry.num_layers)]
         self._values = [_zeros(shape, geometry) for _ in range(geometry.num_layers)]
         self._native = native if native is not None and native.covers(geometry.dtype, geometry.device) else None
+        covered = native_prefill is not None and native_prefill.covers(geometry.dtype, geometry.device,
+                                                                       geometry.head_dim)
+        self._native_prefill = native_prefill if covered else None
 
     @property
     def has_native_decode(self) -> bool:
         """Whether `write_and_decode` can be used (the kernel was built and covers this memory)."""
         return self._native is not None
+
+    @property
+    def has_native_prefill(self) -> bool:
+        """Whether `prefill` can be used (the prefill kernel was built and covers this memory)."""
+        return self._native_prefill is not None
 
     @property
     def num_tokens(self) -> int:
@@ -115,6 +127,12 @@ class PagedKV:
         self._native.run(queries, keys, values, self._keys[layer], self._values[layer], rows, reads, scale, out,
                          window, softcap)
 
+    def prefill(self, layer: int, queries: torch.Tensor, reads: ContextReads, start: int, scale: float,
+                out: torch.Tensor) -> None:
+        """The attention of a prefill chunk's queries `[T, H, d]` (positions start .. start + T - 1, whose keys
+        and values are written already) over its context `reads`, into `out` `[T, H, d]`, in one native call."""
+        self._native_prefill.run(queries, self._keys[layer], self._values[layer], reads.run_table, start, scale, out)
+
     def copy_block(self, source: int, target: int) -> None:
         """Copy one block's keys and values in every layer (tests)."""
         size = self.block_tokens
@@ -128,6 +146,11 @@ class ContextReads:
 
     num_tokens: int
     runs: list[tuple[int, int]]  # (first row, positions) of each run of blocks that follow in memory
+
+    @cached_property
+    def run_table(self) -> torch.Tensor:
+        """`runs` as an int64 tensor `[R, 2]` (the native prefill kernel's input; built once for all layers)."""
+        return torch.tensor(self.runs, dtype=torch.int64).reshape(-1, 2)
 
     @property
     def is_one_run(self) -> bool:

@@ -2,7 +2,7 @@
 
 A model runs here when its attention goes through transformers' AttentionInterface, every layer reaches the
 glue (layer index, key shape), it takes position ids, and the exactness probe (probe.py) passes: with the
-native decode kernel when that passes its own check, else with SDPA. Anything else returns None, with the
+native attention kernels (decode, prefill) that pass their own check, else with SDPA. Anything else returns None, with the
 reason logged, and the engine keeps the legacy path for it (ALiBi models such as BLOOM, models whose
 layers do not pass the glue's keyword on, attention sinks). Sliding windows and logit soft-capping are
 computed (attention_variants.py) where each layer's keywords agree with the config.
@@ -21,8 +21,9 @@ from server.engine.config import EngineConfig
 from server.engine.faults import FaultInjector
 from server.engine.model_loader import LoadedModel
 from server.engine.paged import attention, probe, sizing
-from server.engine.paged.cpu import native_check, native_decode, packed_linear
+from server.engine.paged.cpu import native_check, native_decode, native_prefill, packed_linear
 from server.engine.paged.cpu.native_decode import NativeDecode
+from server.engine.paged.cpu.native_prefill import NativePrefill
 from server.engine.paged.kv_memory import PagedKV
 from server.engine.paged.runner import PagedRunner, discover_geometry
 from server.engine.paged.worker import PagedWorker
@@ -35,8 +36,8 @@ def open_paged_worker(loaded: LoadedModel, faults: FaultInjector, scheduler: Sch
                       release: Callable[[Any], None], flush: Callable[[], None]) -> PagedWorker | None:
     """The paged worker for `loaded`, with its KV memory allocated; None when the model must keep the
     legacy path."""
-    native = native_decode.load() if config.native_decode else None
-    runner = open_runner(loaded.model, faults, native, prepack=config.prepack_weights)
+    natives = (native_decode.load(), native_prefill.load()) if config.native_attention else (None, None)
+    runner = open_runner(loaded.model, faults, *natives, prepack=config.prepack_weights)
     if runner is None:
         return None
     max_context = config.max_total_tokens
@@ -45,10 +46,11 @@ def open_paged_worker(loaded: LoadedModel, faults: FaultInjector, scheduler: Sch
     num_bytes = sizing.budget_bytes(runner.geometry, config.max_batch_size, max_context, config.kv_cache_memory,
                                     config.kv_block_tokens)
     num_blocks = sizing.num_blocks(runner.geometry, config.kv_block_tokens, num_bytes)
-    memory = PagedKV(runner.geometry, num_blocks, config.kv_block_tokens, runner.native)
-    log.info("KV memory: %d blocks x %d tokens = %d tokens, %.1f MiB; context limit %d; decode attention: %s",
-             num_blocks, config.kv_block_tokens, memory.num_tokens, memory.num_bytes / 2**20,
-             min(max_context, memory.num_tokens), "native" if memory.has_native_decode else "SDPA")
+    memory = PagedKV(runner.geometry, num_blocks, config.kv_block_tokens, runner.native, runner.native_prefill)
+    log.info("KV memory: %d blocks x %d tokens = %d tokens, %.1f MiB; context limit %d; decode attention: %s; "
+             "prefill attention: %s", num_blocks, config.kv_block_tokens, memory.num_tokens, memory.num_bytes / 2**20,
+             min(max_context, memory.num_tokens), "native" if memory.has_native_decode else "SDPA",
+             "native" if memory.has_native_prefill else "SDPA")
     worker = PagedWorker(runner, scheduler, memory, config, release, flush)
     if config.compile:
         runner.compile()
@@ -56,9 +58,9 @@ def open_paged_worker(loaded: LoadedModel, faults: FaultInjector, scheduler: Sch
 
 
 def open_runner(model: Any, faults: FaultInjector, native: NativeDecode | None = None,
-                prepack: bool = False) -> PagedRunner | None:
-    """A PagedRunner for `model`, or None (with the reason logged). A native decode kernel, when given, is
-    kept in `runner.native` only if the probe passes with it too. `prepack`: keep linear weights in
+                prefill: NativePrefill | None = None, prepack: bool = False) -> PagedRunner | None:
+    """A PagedRunner for `model`, or None (with the reason logged). The native decode and prefill kernels, when
+    given, are kept in `runner.native` and `runner.native_prefill` only if the probe passes with them too. `prepack`: keep linear weights in
     oneDNN's layout as well (packed_linear.py), probed as served."""
     reason = _static_reason(model)
     if reason is None:
@@ -69,7 +71,7 @@ def open_runner(model: Any, faults: FaultInjector, native: NativeDecode | None =
             attention.install(model)
             runner = PagedRunner(model, faults, discover_geometry(model))
             runner.probe = reference
-            reason = _probe(runner, native)
+            reason = _probe(runner, native, prefill)
         except Exception as exc:  # noqa: BLE001 - any failure means: not this path
             reason = f"probe failed: {exc!r}"
     if reason is not None:
@@ -81,29 +83,29 @@ def open_runner(model: Any, faults: FaultInjector, native: NativeDecode | None =
     return runner
 
 
-def probe_step(runner: PagedRunner, native: NativeDecode | None) -> str | None:
+def probe_step(runner: PagedRunner, native: NativeDecode | None, prefill: NativePrefill | None) -> str | None:
     """Run the probe through `runner` as it is now (eager or compiled) on KV memory of its own; the reason
     it failed, or None."""
     memory = runner.memory
-    runner.attach(PagedKV(runner.geometry, runner.probe.num_blocks, probe.BLOCK_TOKENS, native=native))
+    runner.attach(PagedKV(runner.geometry, runner.probe.num_blocks, probe.BLOCK_TOKENS, native, prefill))
     try:
         return probe.run(runner.probe, runner.forward)
     finally:
         runner.attach(memory)
 
 
-def _probe(runner: PagedRunner, native: NativeDecode | None) -> str | None:
-    """The exactness probe with the native decode kernel (when it passes its own check), else with SDPA."""
-    if native is not None:
-        native = native_check.accept(native, runner.geometry)
-    if native is not None:
-        reason = probe_step(runner, native)
+def _probe(runner: PagedRunner, native: NativeDecode | None, prefill: NativePrefill | None) -> str | None:
+    """The exactness probe with the native kernels that pass their own checks, else with SDPA."""
+    native = native and native_check.accept(native, runner.geometry)
+    prefill = prefill and native_check.accept_prefill(prefill, runner.geometry)
+    if native is not None or prefill is not None:
+        reason = probe_step(runner, native, prefill)
         if reason is None:
-            runner.native = native
+            runner.native, runner.native_prefill = native, prefill
             return None
-        log.warning("engine: native decode kernel not used for this model (%s); decode attention runs through "
-                    "SDPA", reason)
-    return probe_step(runner, None)
+        log.warning("engine: native attention kernels not used for this model (%s); attention runs through SDPA",
+                    reason)
+    return probe_step(runner, None, None)
 
 
 def _prepack(model: Any) -> None:

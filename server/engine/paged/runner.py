@@ -12,6 +12,7 @@ import torch
 from server.engine.faults import DECODE, PREFILL, FaultInjector
 from server.engine.paged import attention, attention_variants, step_plan
 from server.engine.paged.cpu.native_decode import NativeDecode
+from server.engine.paged.cpu.native_prefill import NativePrefill
 from server.engine.paged.kv_memory import KVGeometry, PagedKV
 from server.engine.paged.probe import Probe
 from server.engine.paged.step_plan import Chunk
@@ -29,6 +30,7 @@ class PagedRunner:
         self.geometry = geometry
         self.memory: PagedKV | None = None
         self.native: NativeDecode | None = None  # the decode kernel the probe accepted, for the engine's memory
+        self.native_prefill: NativePrefill | None = None  # the prefill kernel the probe accepted
         self.probe: Probe | None = None  # run again on the compiled step (Engine.warm_up)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._forward = model  # or its compiled version (`compile`)

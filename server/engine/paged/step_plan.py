@@ -74,7 +74,7 @@ def build(chunks: list[Chunk], embed: torch.nn.Module, memory: PagedKV) -> StepI
     for chunk in chunks[len(decodes):]:
         plan.prefills.append(PrefillChunk(offset, chunk.num_tokens, chunk.start,
                                           ContextReads.of(memory, chunk.seq.block_table, chunk.end),
-                                          _offset_causal_mask(chunk, device)))
+                                          None if memory.has_native_prefill else _offset_causal_mask(chunk, device)))
         offset += chunk.num_tokens
     return StepInputs(_embeddings(chunks, embed), plan.positions[None], plan, _long(sample_index, device))
 

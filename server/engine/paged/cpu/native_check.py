@@ -1,6 +1,7 @@
-"""Whether a built native decode kernel may serve a model: checked once, on the model's KV geometry and
-dtype, against float64 attention written out in torch (plain, and with a sliding window and a logit cap).
-A kernel that disagrees is refused (logged) and the engine keeps SDPA. (The exactness probe then checks the
+"""Whether the built native attention kernels may serve a model: checked once, on the model's KV geometry and
+dtype, against float64 attention written out in torch (decode plain, and with a sliding window and a logit
+cap; prefill chunks over scattered blocks). A kernel that disagrees is refused (logged) and the engine keeps
+SDPA for what it would have computed. (The exactness probe then checks the
 whole step against the model's own attention, kernel included.)"""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import torch
 
 from server.engine.paged.cpu.native_decode import DecodeReads, NativeDecode
+from server.engine.paged.cpu.native_prefill import NativePrefill
 from server.engine.paged.kv_memory import ContextReads, KVGeometry, PagedKV
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,10 @@ _LENGTHS = [37, 6, 20]
 # (window, softcap), 0 for none: plain, then both variants (a window shorter than every row, a cap that bends
 # scores of about 0.3 * sqrt(head_dim)).
 _VARIANTS = ((0, 0.0), (5, 1.0))
+# A prefill chunk's context: blocks in 4 runs (a shared prefix's, then its own), and chunks from position 0 and
+# from inside a block, over several runs.
+_PREFILL_TABLE = [5, 6, 2, 7, 0]
+_PREFILL_CHUNKS = ((0, 13), (21, 19))  # (start, tokens)
 
 
 def accept(native: NativeDecode, geometry: KVGeometry) -> NativeDecode | None:
@@ -68,9 +74,40 @@ def accept(native: NativeDecode, geometry: KVGeometry) -> NativeDecode | None:
     return native
 
 
+def accept_prefill(native: NativePrefill, geometry: KVGeometry) -> NativePrefill | None:
+    """`native` if, on this geometry and dtype, each prefill chunk's attention (its positions over the context
+    up to each, read through scattered blocks) is within tolerance of float64 attention (random data)."""
+    if not native.covers(geometry.dtype, geometry.device, geometry.head_dim):
+        return None
+    gen = torch.Generator(device=geometry.device).manual_seed(0)
+    kv_heads, dim, layer = geometry.num_kv_heads, geometry.head_dim, geometry.num_layers - 1
+    heads = kv_heads * 2 if kv_heads > 1 else 4  # a query head group, as in GQA
+    memory = PagedKV(geometry, num_blocks=10, block_tokens=_BLOCK, native_prefill=native)
+    for stored in memory.context(layer, _all_rows(memory)):
+        stored[0].copy_(torch.randn(stored.shape[1:], generator=gen, device=geometry.device))
+    for start, num_tokens in _PREFILL_CHUNKS:
+        end = start + num_tokens
+        queries = torch.randn(num_tokens, heads, dim, generator=gen, device=geometry.device).to(geometry.dtype)
+        out = torch.full_like(queries, float("nan"))
+        memory.prefill(layer, queries, ContextReads.of(memory, _PREFILL_TABLE, end), start, 0.3, out)
+        keys, values = (stored[0][:, memory.rows(_PREFILL_TABLE, range(end))].double()
+                        for stored in memory.context(layer, _all_rows(memory)))
+        for t in range(num_tokens):
+            seen = start + t + 1
+            want = _reference(queries[t].double(), keys[:, :seen], values[:, :seen], 0.3, 0.0)
+            error = float((out[t].double() - want).abs().max() / want.abs().max())
+            if not error <= _NATIVE_TOLERANCE[geometry.dtype]:
+                log.warning("engine: native prefill kernel not used (position %d of a chunk from %d differs from "
+                            "float64 attention by %.2e, relative); prefill attention runs through SDPA", start + t,
+                            start, error)
+                return None
+    return native
+
+
 def _reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                softcap: float) -> torch.Tensor:
-    """Attention of one token's query `[H, d]` over keys/values `[KVH, W, d]`, in plain torch: `[H, d]`."""
+    """Attention of one token's query `[H, d]` over keys/values `[KVH, W, d]` (its positions), in plain torch:
+    `[H, d]`."""
     group = query.shape[0] // keys.shape[0]
     keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)  # [H, W, d]
     scores = torch.einsum("hd,hwd->hw", query, keys) * scale
