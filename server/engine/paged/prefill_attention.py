@@ -1,4 +1,5 @@
-"""Attention of one prefill chunk over its context: one masked call, or in pieces merged exactly.
+"""Attention of one prefill chunk over its context through SDPA: one masked call, or in pieces merged exactly.
+(On a CPU with AVX-512, float32 chunks take the native kernel instead: cpu/native_prefill.py.)
 
 A chunk of T positions starting at context position `start` attends to every cached position before it and
 causally to its own. One SDPA call over the whole context with a `[T, start + T]` mask does that, but it

@@ -6,14 +6,15 @@
 // Flash attention's structure (tiles of keys; per query row a running maximum, sum and output), laid out
 // for AVX-512 so that nothing is transposed and nothing is reduced across lanes: a work item is one KV head
 // and up to 64 query rows (consecutive positions x the head's query heads), whose queries are packed once
-// as [head_dim][64]. Scores are computed keys x rows: each key element is one broadcast against 4 vectors of
-// 16 rows, the softmax's maximum and sum run down a tile's keys a vector of rows at a time, and the causal
-// mask is one compare per key. The output rows then take the tile's values, each key's row of values a few
-// vectors, with the weights broadcast. Torch's CPU flash attention reached about 200 GFLOP/s in float32 on
-// the 2-core Xeon this was written on (its tiles go through a packed GEMM); see docs/benchmarks.md.
+// as [head_dim][64]. Scores are computed keys x rows: each key element is one broadcast against up to 4
+// vectors of 16 rows (a short chunk's items compute only the vectors they fill), the softmax's maximum and
+// sum run down a tile's keys a vector of rows at a time, and the causal mask is one compare per key. The
+// output rows then take the tile's values, each key's row of values a few vectors, with the weights
+// broadcast. On the 2-core Xeon this was written on, a 512-token chunk over 9,000 positions ran at about
+// 260 GFLOP/s in float32, torch's CPU flash attention at about 210 (docs/benchmarks.md).
 //
 // Plain C ABI through ctypes, as paged_decode.cpp (same conventions: element strides, OpenMP bound to torch's
-// runtime). float32 only: in bfloat16, torch's flash attention runs on AMX tiles, 2.3x faster than this
+// runtime). float32 only: in bfloat16, torch's flash attention runs on AMX tiles, 2.6x faster than this
 // kernel (measured 549 against 214 GFLOP/s). head_dim a multiple of 16 up to 256, with AVX-512;
 // `paged_prefill_covers` says whether a call would be served, and the caller keeps SDPA otherwise.
 #include <algorithm>
