@@ -2,9 +2,9 @@
 
 A model runs here when its attention goes through transformers' AttentionInterface, every layer reaches the
 glue (layer index, key shape), it takes position ids, and the exactness probe (probe.py) passes: with the
-native attention kernels (decode, prefill) that pass their own check, else with SDPA. Anything else returns None, with the
-reason logged, and the engine keeps the legacy path for it (ALiBi models such as BLOOM, models whose
-layers do not pass the glue's keyword on, attention sinks). Sliding windows and logit soft-capping are
+native attention kernels (decode, prefill) that pass their own checks, else with SDPA. Anything else returns
+None, with the reason logged, and the engine keeps the legacy path for it (ALiBi models such as BLOOM,
+models whose layers do not pass the glue's keyword on, attention sinks). Sliding windows and logit soft-capping are
 computed (attention_variants.py) where each layer's keywords agree with the config.
 """
 
@@ -60,8 +60,8 @@ def open_paged_worker(loaded: LoadedModel, faults: FaultInjector, scheduler: Sch
 def open_runner(model: Any, faults: FaultInjector, native: NativeDecode | None = None,
                 prefill: NativePrefill | None = None, prepack: bool = False) -> PagedRunner | None:
     """A PagedRunner for `model`, or None (with the reason logged). The native decode and prefill kernels, when
-    given, are kept in `runner.native` and `runner.native_prefill` only if the probe passes with them too. `prepack`: keep linear weights in
-    oneDNN's layout as well (packed_linear.py), probed as served."""
+    given, are kept in `runner.native` and `runner.native_prefill` only if the probe passes with them too.
+    `prepack`: keep linear weights in oneDNN's layout as well (packed_linear.py), probed as served."""
     reason = _static_reason(model)
     if reason is None:
         try:
@@ -96,8 +96,8 @@ def probe_step(runner: PagedRunner, native: NativeDecode | None, prefill: Native
 
 def _probe(runner: PagedRunner, native: NativeDecode | None, prefill: NativePrefill | None) -> str | None:
     """The exactness probe with the native kernels that pass their own checks, else with SDPA."""
-    native = native and native_check.accept(native, runner.geometry)
-    prefill = prefill and native_check.accept_prefill(prefill, runner.geometry)
+    native = native_check.accept(native, runner.geometry) if native is not None else None
+    prefill = native_check.accept_prefill(prefill, runner.geometry) if prefill is not None else None
     if native is not None or prefill is not None:
         reason = probe_step(runner, native, prefill)
         if reason is None:

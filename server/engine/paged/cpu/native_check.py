@@ -1,8 +1,8 @@
 """Whether the built native attention kernels may serve a model: checked once, on the model's KV geometry and
 dtype, against float64 attention written out in torch (decode plain, and with a sliding window and a logit
 cap; prefill chunks over scattered blocks). A kernel that disagrees is refused (logged) and the engine keeps
-SDPA for what it would have computed. (The exactness probe then checks the
-whole step against the model's own attention, kernel included.)"""
+SDPA for what it would have computed. (The exactness probe then checks the whole step against the model's
+own attention, kernels included.)"""
 
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ std::vector<Tile> tiles_of(const int64_t* runs, int64_t num_runs, int64_t end) {
   int64_t position = 0;
   for (int64_t i = 0; i < num_runs && position < end; ++i) {
     const int64_t first = runs[2 * i], length = std::min(runs[2 * i + 1], end - position);
-    for (int64_t at = 0; at < length; at += kKeys) tiles.push_back({first + at, position + at, std::min(kKeys, length - at)});
+    for (int64_t at = 0; at < length; at += kKeys)
+      tiles.push_back({first + at, position + at, std::min(kKeys, length - at)});
     position += length;
   }
   return tiles;
