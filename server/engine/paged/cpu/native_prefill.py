@@ -3,7 +3,7 @@ C++ compiler (native_build.py), called through ctypes.
 
 One call computes one prefill chunk's attention in one layer: every query position over its request's
 context up to itself, read in place through the runs of its blocks (no copy of a shared prefix, no mask, no
-merge of pieces). On CPU, float32, AVX-512 and head sizes that are multiples of 16 up to 256;
+merge of pieces). On CPU, float32, AVX-512 and head sizes 16 to 128 in steps of 16, 160, 192 or 256;
 elsewhere, or without a compiler, the attention glue keeps SDPA (prefill_attention.py), which computes the
 same.
 """
