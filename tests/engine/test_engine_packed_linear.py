@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.paged.cpu import packed_linear, skinny_linear
+from server.engine.paged.cpu import native_build, packed_linear, skinny_linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
@@ -104,7 +104,7 @@ def test_large_float32_weights_take_the_packed_product_from_three_rows(monkeypat
     x = torch.randn(1, 4, 64)
     want = model(x).detach()
     packed_linear.pack(model)
-    monkeypatch.setitem(skinny_linear._built, "kernel", None)
+    monkeypatch.setitem(native_build.made, skinny_linear.SOURCE, None)
     calls = []
     original = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or original(*a))

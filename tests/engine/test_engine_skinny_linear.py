@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.paged.cpu import packed_linear, skinny_linear
+from server.engine.paged.cpu import native_build, packed_linear, skinny_linear
 
 _CAN_BUILD = shutil.which("g++") is not None and "avx512f" in Path("/proc/cpuinfo").read_text()
 
@@ -71,7 +71,7 @@ def test_the_packed_op_sends_its_row_counts_to_it(kernel, monkeypatch, dtype, nu
     x = torch.randn(1, num_rows, 64).to(dtype)
     want = F.linear(x.double(), model.weight.double(), model.bias.double())
     packed_linear.pack(model)
-    monkeypatch.setitem(skinny_linear._built, "kernel", counting)
+    monkeypatch.setitem(native_build.made, skinny_linear.SOURCE, counting)
     with torch.inference_mode():
         got = model(x)
     assert calls == ([num_rows] if routed else [])

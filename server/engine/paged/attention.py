@@ -157,7 +157,7 @@ def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     options = {"scale": scale, "enable_gqa": query.shape[1] != key.shape[1]}
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, H, d]
     q = query[0]  # [H, N, d]
-    by_token = _rows(q)  # [N, H, d]
+    by_token = _rows(q) if memory.has_native_decode or memory.has_native_prefill else None  # [N, H, d]
     if memory.has_native_decode:  # decoding rows are the step's first tokens (step_plan.order)
         memory.write_and_decode(layer, by_token, new_keys, new_values, plan.write_rows, plan.decode.reads, scale, out,
                                 window, softcap)

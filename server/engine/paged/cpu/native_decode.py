@@ -11,9 +11,6 @@ not cover, the attention glue keeps the SDPA path, which computes the same.
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +18,9 @@ import torch
 
 from server.engine.paged.cpu import native_build
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).parent / "paged_decode.cpp"
 DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 _Int64x3 = ctypes.c_int64 * 3
-_lock = threading.Lock()
-_built: dict[str, NativeDecode | None] = {}
 
 
 class NativeDecode:
@@ -87,15 +80,9 @@ def _strides(t: torch.Tensor) -> _Int64x3:
 def load() -> NativeDecode | None:
     """The kernel, built on first use (about a second); None, with the reason logged once, when it
     cannot be (no C++ compiler, a failed build) or PROMPTSERVE_NATIVE_DECODE=0."""
-    with _lock:
-        if "kernel" not in _built:
-            _built["kernel"] = _build()
-        return _built["kernel"]
+    return native_build.once(SOURCE, _build)
 
 
 def _build() -> NativeDecode | None:
-    if os.environ.get("PROMPTSERVE_NATIVE_DECODE", "1") == "0":
-        log.info("engine: native decode kernel off (PROMPTSERVE_NATIVE_DECODE=0)")
-        return None
-    library = native_build.build(SOURCE, "decode attention runs through SDPA")
+    library = native_build.build(SOURCE, "decode attention runs through SDPA", switch="PROMPTSERVE_NATIVE_DECODE")
     return None if library is None else NativeDecode(library)

@@ -11,22 +11,15 @@ same.
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import threading
 from pathlib import Path
 
 import torch
 
 from server.engine.paged.cpu import native_build
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).parent / "paged_prefill.cpp"
 DTYPES = {torch.float32: "float32"}  # bfloat16: torch's flash attention on AMX is faster (paged_prefill.cpp)
 _Int64x2 = ctypes.c_int64 * 2
-_lock = threading.Lock()
-_built: dict[str, NativePrefill | None] = {}
 
 
 class NativePrefill:
@@ -70,15 +63,9 @@ def _strides(t: torch.Tensor) -> _Int64x2:
 def load() -> NativePrefill | None:
     """The kernel, built on first use (about a second); None, with the reason logged once, when it
     cannot be (no C++ compiler, a failed build) or PROMPTSERVE_NATIVE_PREFILL=0."""
-    with _lock:
-        if "kernel" not in _built:
-            _built["kernel"] = _build()
-        return _built["kernel"]
+    return native_build.once(SOURCE, _build)
 
 
 def _build() -> NativePrefill | None:
-    if os.environ.get("PROMPTSERVE_NATIVE_PREFILL", "1") == "0":
-        log.info("engine: native prefill attention off (PROMPTSERVE_NATIVE_PREFILL=0)")
-        return None
-    library = native_build.build(SOURCE, "prefill attention runs through SDPA")
+    library = native_build.build(SOURCE, "prefill attention runs through SDPA", switch="PROMPTSERVE_NATIVE_PREFILL")
     return None if library is None else NativePrefill(library)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 from pathlib import Path
 
 import torch
@@ -32,8 +31,6 @@ MAX_ROWS = max(high for _, high in ROWS.values())
 # Relative error allowed against float64: float32 measured 4e-7, as aten::linear's own; bfloat16 rounds its
 # output once (2^-9). A wrong row, column or bias is off by far more.
 _TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-_lock = threading.Lock()
-_built: dict[str, SkinnyLinear | None] = {}
 
 
 class SkinnyLinear:
@@ -74,16 +71,17 @@ class SkinnyLinear:
 def load() -> SkinnyLinear | None:
     """The kernel, built on first use and checked against float64; None (logged once) when it cannot be
     built, does not vectorize on this machine, or disagrees."""
-    with _lock:
-        if "kernel" not in _built:
-            library = native_build.build(SOURCE, "few-row products run through aten::linear")
-            _built["kernel"] = None if library is None else _accept(SkinnyLinear(library))
-        return _built["kernel"]
+    return native_build.once(SOURCE, _build)
+
+
+def _build() -> SkinnyLinear | None:
+    library = native_build.build(SOURCE, "few-row products run through aten::linear")
+    return None if library is None else _accept(SkinnyLinear(library))
 
 
 def loaded() -> SkinnyLinear | None:
     """The kernel if `load` built and accepted it (no build, no lock: called for every product)."""
-    return _built.get("kernel")
+    return native_build.made.get(SOURCE)
 
 
 def _accept(kernel: SkinnyLinear) -> SkinnyLinear | None:
